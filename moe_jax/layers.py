@@ -1,0 +1,254 @@
+"""MoeLayer: router + dispatch + experts + combine, a drop-in transformer FFN.
+
+Dimension names: B batch, L length, D model width, G groups, S tokens per
+group, E experts, K choices per token, C expert capacity.
+
+Data flow for x <[B, L, D]>:
+  1. group the B * L tokens into <[G, S, D]> (S <= max_group_size);
+  2. route (float32): a `TokenChoice` or `ExpertChoice` decision + losses;
+  3. dispatch to experts along the configured path (einsum, scatter,
+     dropless); tokens over capacity are dropped: their MoE output is 0 and
+     the model's residual connection carries them through;
+  4. experts: one batched matmul over the leading expert axis;
+  5. combine with the gates back to <[B, L, D]>.
+
+The layer returns `(y, MoeStats)` and also sows every `MoeStats` field into
+the `intermediates` collection under the names in `moe_jax.metric_names`
+(the names T5X's MoE models read).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax import metric_names
+from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
+                              expert_capacity, group_shape, group_tokens,
+                              scatter_dispatch)
+from moe_jax.experts import Activation, Experts
+from moe_jax.routing import Router, TokenChoice
+
+Array = jax.Array
+
+
+@struct.dataclass
+class MoeStats:
+  """Per-layer routing losses and metrics (all float32).
+
+  Attributes:
+    auxiliary_loss: scalar balancing loss of the router (unweighted).
+    router_z_loss: scalar router z-loss (unweighted).
+    fraction_tokens_left_behind: real tokens processed by no expert / real
+      tokens. These tokens pass through the residual only.
+    router_confidence: mean over real tokens of the sum of their combine
+      weights.
+    expert_usage: dispatched (token, expert) pairs / total expert capacity
+      (G * E * C), FLAN-MoE's definition; on the dropless path C is the
+      capacity the capacity factor would give.
+    expert_load: <float32>[E] dispatched tokens per expert.
+  """
+  auxiliary_loss: Array
+  router_z_loss: Array
+  fraction_tokens_left_behind: Array
+  router_confidence: Array
+  expert_usage: Array
+  expert_load: Array
+
+
+class MoeLayer(nn.Module):
+  """Sparse mixture-of-experts feed-forward layer.
+
+  Attributes:
+    num_experts: E.
+    expert_hidden_dim: F, hidden width of each expert.
+    router: a `moe_jax.routing.Router` (token choice, expert choice, ...).
+    dispatch: `Dispatch` path; all paths compute the same function. Default
+      `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
+      `dropless` never drops a token (token choice only).
+    train_capacity_factor: capacity factor when deterministic=False.
+    eval_capacity_factor: capacity factor when deterministic=True.
+    min_expert_capacity: lower bound on C.
+    max_group_size: at most this many tokens route together (S).
+    pad_to_group_size: pad the last group when S does not divide B * L;
+      otherwise that is an error.
+    activation: expert `Activation`.
+    expert_dropout_rate: dropout inside the experts.
+    causal: the layer sits in a causal (autoregressive) stack.
+    allow_expert_choice_in_causal: permit routers that see the whole group
+      (expert choice) in a causal stack despite the future-token leak.
+    dtype: activation dtype of the experts (router math is float32).
+    param_dtype: dtype of the stored expert weights.
+  """
+  num_experts: int
+  expert_hidden_dim: int
+  router: Router
+  dispatch: Dispatch = Dispatch.SCATTER
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_expert_capacity: int = 4
+  max_group_size: int = 4096
+  pad_to_group_size: bool = False
+  activation: Activation = Activation.GATED_GELU
+  expert_dropout_rate: float = 0.0
+  causal: bool = False
+  allow_expert_choice_in_causal: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    self._validate()
+    super().__post_init__()
+
+  def _validate(self) -> None:
+    """Checks every knob at construction, before any tracing."""
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts must be >= 1; got num_experts="
+                       f"{self.num_experts}")
+    if self.expert_hidden_dim < 1:
+      raise ValueError("expert_hidden_dim must be >= 1; got "
+                       f"expert_hidden_dim={self.expert_hidden_dim}")
+    try:
+      dispatch = Dispatch(self.dispatch)
+    except ValueError:
+      raise ValueError(f"dispatch must be one of {[d.value for d in Dispatch]};"
+                       f" got dispatch={self.dispatch!r}") from None
+    try:
+      Activation(self.activation)
+    except ValueError:
+      raise ValueError(
+          f"activation must be one of {[a.value for a in Activation]}; got "
+          f"activation={self.activation!r}") from None
+    if not isinstance(self.router, Router):
+      raise ValueError(f"router must be a moe_jax.routing.Router; got "
+                       f"router={self.router!r}")
+    self.router.validate(self.num_experts)
+    if dispatch != Dispatch.DROPLESS:
+      for knob in ("train_capacity_factor", "eval_capacity_factor"):
+        if getattr(self, knob) <= 0:
+          raise ValueError(f"{knob} must be > 0 on the {dispatch.value} path; "
+                           f"got {knob}={getattr(self, knob)}")
+    elif not self.router.supports_dropless:
+      raise ValueError(f"dispatch='dropless' needs token choice routing; "
+                       f"router={type(self.router).__name__} needs capacity")
+    if self.min_expert_capacity < 0:
+      raise ValueError("min_expert_capacity must be >= 0; got "
+                       f"min_expert_capacity={self.min_expert_capacity}")
+    if self.max_group_size < 1:
+      raise ValueError(
+          f"max_group_size must be >= 1; got max_group_size={self.max_group_size}")
+    if not 0 <= self.expert_dropout_rate < 1:
+      raise ValueError("expert_dropout_rate must be in [0, 1); got "
+                       f"expert_dropout_rate={self.expert_dropout_rate}")
+    if (self.causal and self.router.sees_whole_group and
+        not self.allow_expert_choice_in_causal):
+      raise ValueError(
+          f"router={type(self.router).__name__} chooses tokens by looking at "
+          "the whole group, which leaks future tokens in a causal stack "
+          "(causal=True); use token choice, or set "
+          "allow_expert_choice_in_causal=True to accept the leak")
+
+  def setup(self):
+    self.experts = Experts(
+        num_experts=self.num_experts,
+        hidden_dim=self.expert_hidden_dim,
+        activation=self.activation,
+        dropout_rate=self.expert_dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype)
+
+  def capacity(self, group_size: int, deterministic: bool) -> int:
+    """C for groups of `group_size` tokens (see `dispatch.expert_capacity`)."""
+    factor = (self.eval_capacity_factor if deterministic else
+              self.train_capacity_factor)
+    return expert_capacity(group_size, self.num_experts, factor,
+                           self.min_expert_capacity,
+                           self.router.capacity_multiplier)
+
+  def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
+               deterministic: bool = False,
+               token_ids: Optional[Array] = None) -> tuple[Array, MoeStats]:
+    """Applies the layer.
+
+    Args:
+      x: <[B, L, D]> token representations.
+      padding_mask: <[B, L]> 1 (or True) for real tokens, 0 for padding;
+        None means every token is real. Padding tokens are never routed.
+      deterministic: evaluation mode: eval capacity factor, no jitter, no
+        dropout, no random second expert.
+      token_ids: <int32>[B, L] vocabulary ids, for routers that use them.
+
+    Returns:
+      y <[B, L, D]> (zero for tokens no expert processed) and `MoeStats`.
+    """
+    if x.ndim != 3:
+      raise ValueError("MoeLayer expects inputs [batch, length, embed]; got "
+                       f"x of rank {x.ndim} with shape {x.shape}")
+    batch, length, width = x.shape
+    if padding_mask is None:
+      padding_mask = jnp.ones((batch, length), jnp.float32)
+    elif padding_mask.shape != (batch, length):
+      raise ValueError(f"padding_mask must have shape {(batch, length)}; got "
+                       f"{padding_mask.shape}")
+    num_groups, group_size = group_shape(batch * length, self.max_group_size,
+                                         self.pad_to_group_size)
+    group = functools.partial(group_tokens, num_groups=num_groups,
+                              group_size=group_size)
+    tokens = group(x.reshape(-1, width))
+    token_mask = group(padding_mask.reshape(-1).astype(jnp.float32))
+    if token_ids is not None:
+      token_ids = group(token_ids.reshape(-1))
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+
+    dispatch = Dispatch(self.dispatch)
+    capacity = self.capacity(group_size, deterministic)
+    with jax.named_scope("route"):
+      routed = self.router(
+          tokens, token_mask, num_experts=self.num_experts,
+          capacity=None if dispatch == Dispatch.DROPLESS else capacity,
+          deterministic=deterministic, token_ids=token_ids)
+    decision = routed.decision
+
+    with jax.named_scope("experts"):
+      expert_fn = functools.partial(self.experts, deterministic=deterministic)
+      if dispatch == Dispatch.DROPLESS:
+        out = dropless_dispatch(tokens, decision, self.num_experts, expert_fn)
+      elif dispatch == Dispatch.EINSUM:
+        out = einsum_dispatch(tokens, decision, self.num_experts, expert_fn,
+                              capacity)
+      else:
+        out = scatter_dispatch(tokens, decision, self.num_experts, expert_fn,
+                               capacity)
+    out = out.reshape(-1, width)[:batch * length].reshape(batch, length, width)
+
+    stats = self._stats(routed, token_mask, capacity, group_size)
+    for name in metric_names.ALL:
+      self.sow(metric_names.INTERMEDIATES, name, getattr(stats, name))
+    return out.astype(self.dtype), stats
+
+  def _stats(self, routed, token_mask: Array, capacity: int,
+             group_size: int) -> MoeStats:
+    decision = routed.decision
+    if isinstance(decision, TokenChoice):
+      per_token = decision.tokens_dispatched()
+      gate_sum = decision.total_gate()
+    else:
+      per_token = decision.tokens_dispatched(group_size)
+      gate_sum = decision.total_gate(group_size)
+    real = jnp.maximum(jnp.sum(token_mask), 1.0)
+    left_behind = jnp.sum((per_token == 0) * token_mask) / real
+    confidence = jnp.sum(gate_sum * token_mask) / real
+    load = decision.expert_load(self.num_experts)
+    total_capacity = token_mask.shape[0] * self.num_experts * capacity
+    return MoeStats(
+        auxiliary_loss=routed.auxiliary_loss,
+        router_z_loss=routed.router_z_loss,
+        fraction_tokens_left_behind=left_behind,
+        router_confidence=confidence,
+        expert_usage=jnp.sum(load) / total_capacity,
+        expert_load=load)

@@ -1,0 +1,24 @@
+"""Names of the per-layer values an MoE layer sows into `intermediates`.
+
+These strings are a contract: T5X's MoE models read them from the sown
+collection. Writers (`moe_jax.layers`) and readers (trainers, inspection, the
+T5X adapter) import them from here instead of spelling them out.
+"""
+
+INTERMEDIATES = "intermediates"
+
+AUXILIARY_LOSS = "auxiliary_loss"
+ROUTER_Z_LOSS = "router_z_loss"
+FRACTION_TOKENS_LEFT_BEHIND = "fraction_tokens_left_behind"
+ROUTER_CONFIDENCE = "router_confidence"
+EXPERT_USAGE = "expert_usage"
+EXPERT_LOAD = "expert_load"
+
+SCALAR_METRICS = (
+    AUXILIARY_LOSS,
+    ROUTER_Z_LOSS,
+    FRACTION_TOKENS_LEFT_BEHIND,
+    ROUTER_CONFIDENCE,
+    EXPERT_USAGE,
+)
+ALL = SCALAR_METRICS + (EXPERT_LOAD,)

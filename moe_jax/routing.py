@@ -1,0 +1,376 @@
+"""Routers: token representations -> a routing decision plus routing losses.
+
+Dimension names: G groups, S tokens per group, D model width, E experts,
+K experts selected per token, C expert capacity (slots per expert per group).
+
+A router returns a `RouterOutput` whose `decision` is one of two typed
+results, and the MoE layer dispatches on that type:
+
+* `TokenChoice`: each token picks K experts (Switch top-1, GShard top-2,
+  Mixtral renormalized top-2). Indexed by token: `[G, S, K]`.
+* `ExpertChoice`: each expert picks C tokens (Zhou et al. 2022). Indexed by
+  expert slot: `[G, E, C]`.
+
+Router math runs in float32 whatever the activation dtype: the softmax over
+experts is numerically fragile in bfloat16 and small logit errors flip the
+top-k choice (Switch Transformer, "selective precision", Fedus et al. 2021).
+
+All randomness (jitter noise, GShard's random second expert) draws from the
+'dropout' RNG stream and only when `deterministic=False`, so trainers that
+pass a single dropout RNG (as T5X does) drive every stochastic part.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional, Union
+
+import flax.linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax import losses
+
+Array = jax.Array
+
+# Router weights: model width in, experts out. 'unmodeled' keeps the small
+# expert axis of the router replicated (T5X MoE rule names).
+ROUTER_KERNEL_AXES = ("embed", "unmodeled")
+
+
+@struct.dataclass
+class TokenChoice:
+  """Each token's K expert choices, after capacity.
+
+  Attributes:
+    expert_index: <int32>[G, S, K] chosen experts, first choice first.
+    gates: <float32>[G, S, K] combine weight of each choice; 0 where the
+      choice is not dispatched.
+    dispatched: <bool>[G, S, K] the choice is processed by its expert. False
+      for padding tokens, choices over capacity (dropped) and second choices
+      skipped by the random policy.
+    position: <int32>[G, S, K] slot of the choice in its expert's buffer, in
+      [0, C) where dispatched and equal to C otherwise; None on the dropless
+      path, which has no buffers.
+  """
+  expert_index: Array
+  gates: Array
+  dispatched: Array
+  position: Optional[Array] = None
+
+  def tokens_dispatched(self) -> Array:
+    """<int32>[G, S] number of experts that process each token."""
+    return jnp.sum(self.dispatched, axis=-1, dtype=jnp.int32)
+
+  def total_gate(self) -> Array:
+    """<float32>[G, S] sum of each token's combine weights."""
+    return jnp.sum(self.gates, axis=-1)
+
+  def expert_load(self, num_experts: int) -> Array:
+    """<float32>[E] dispatched tokens per expert, summed over groups."""
+    one_hot = jax.nn.one_hot(self.expert_index, num_experts, dtype=jnp.float32)
+    return jnp.sum(one_hot * self.dispatched[..., None], axis=(0, 1, 2))
+
+
+@struct.dataclass
+class ExpertChoice:
+  """Each expert's C chosen tokens.
+
+  Attributes:
+    token_index: <int32>[G, E, C] chosen token (position in the group).
+    gates: <float32>[G, E, C] combine weight; 0 where not dispatched.
+    dispatched: <bool>[G, E, C] the slot holds a real (non-padding) token.
+  """
+  token_index: Array
+  gates: Array
+  dispatched: Array
+
+  def _per_token(self, values: Array, group_size: int) -> Array:
+    groups = self.token_index.shape[0]
+    flat_index = self.token_index.reshape(groups, -1)
+    out = jnp.zeros((groups, group_size), values.dtype)
+    return jax.vmap(lambda o, i, v: o.at[i].add(v))(
+        out, flat_index, values.reshape(groups, -1))
+
+  def tokens_dispatched(self, group_size: int) -> Array:
+    """<int32>[G, S] number of experts that took each token."""
+    return self._per_token(self.dispatched.astype(jnp.int32), group_size)
+
+  def total_gate(self, group_size: int) -> Array:
+    """<float32>[G, S] sum of each token's combine weights."""
+    return self._per_token(self.gates, group_size)
+
+  def expert_load(self, num_experts: int) -> Array:
+    """<float32>[E] dispatched tokens per expert, summed over groups."""
+    del num_experts
+    return jnp.sum(self.dispatched, axis=(0, 2)).astype(jnp.float32)
+
+
+RoutingDecision = Union[TokenChoice, ExpertChoice]
+
+
+@struct.dataclass
+class RouterOutput:
+  """What a router hands to the MoE layer.
+
+  Attributes:
+    decision: which (token, expert, slot) triples are processed, with weights.
+    router_probs: <float32>[G, S, E] router probabilities (for inspection).
+    auxiliary_loss: scalar balancing loss of this router (0 if it has none).
+    router_z_loss: scalar ST-MoE z-loss of the router logits.
+  """
+  decision: RoutingDecision
+  router_probs: Array
+  auxiliary_loss: Array
+  router_z_loss: Array
+
+
+class SecondExpertPolicy(str, enum.Enum):
+  """How token choice treats choices after the first (GShard, Lepikhin 2020).
+
+  ALL: dispatch every choice that fits in capacity.
+  RANDOM: in training, dispatch choice i > 0 with probability
+    min(1, g_i / second_expert_threshold), g_i the choice's gate renormalized
+    over the K choices; with the default threshold 0.5 this is GShard's
+    "dispatch with probability 2 * g_2". At eval every choice is dispatched.
+  """
+  ALL = "all"
+  RANDOM = "random"
+
+
+class RouterWeights(nn.Module):
+  """Linear map from tokens to expert logits, in float32.
+
+  Attributes:
+    num_experts: E.
+    kernel_init: initializer of the <float32>[D, E] kernel. Small by default
+      so training starts near uniform routing.
+  """
+  num_experts: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
+      0.1, "fan_in", "truncated_normal")
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """<float32>[G, S, D] -> <float32>[G, S, E] logits."""
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init,
+                                               ROUTER_KERNEL_AXES),
+        (x.shape[-1], self.num_experts), jnp.float32)
+    return jnp.einsum("gsd,de->gse", x, kernel,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+class Router(nn.Module):
+  """Base of all routers.
+
+  Subclasses implement `__call__(x, token_mask, *, num_experts, capacity,
+  deterministic, token_ids=None) -> RouterOutput` with
+    x: <any float>[G, S, D] tokens,
+    token_mask: <float32>[G, S] 1 for real tokens, 0 for padding,
+    capacity: C, or None on the dropless path (no token dropped),
+    token_ids: <int32>[G, S] vocabulary ids, for routers that use them.
+
+  Attributes:
+    jitter_noise: multiplicative noise eps: in training the router input is
+      scaled by Uniform(1 - eps, 1 + eps) elementwise (Switch Transformer).
+  """
+  jitter_noise: float = 0.0
+
+  @property
+  def capacity_multiplier(self) -> int:
+    """Assignments each token makes: the k in the capacity formula."""
+    return 1
+
+  @property
+  def supports_dropless(self) -> bool:
+    return True
+
+  @property
+  def sees_whole_group(self) -> bool:
+    """True if one token's routing depends on later tokens of the group."""
+    return False
+
+  def validate(self, num_experts: int) -> None:
+    """Raises ValueError when this router cannot serve `num_experts`."""
+    if self.jitter_noise < 0 or self.jitter_noise >= 1:
+      raise ValueError(
+          f"jitter_noise must be in [0, 1); got jitter_noise={self.jitter_noise}")
+
+  def jitter(self, x: Array, deterministic: bool) -> Array:
+    """Casts to float32 and applies multiplicative jitter in training."""
+    x = x.astype(jnp.float32)
+    if deterministic or self.jitter_noise == 0:
+      return x
+    noise = jax.random.uniform(
+        self.make_rng("dropout"), x.shape, jnp.float32,
+        minval=1.0 - self.jitter_noise, maxval=1.0 + self.jitter_noise)
+    return x * noise
+
+
+def _positions_in_experts(expert_index: Array, wanted: Array,
+                          priority_order: Optional[Array],
+                          num_experts: int) -> Array:
+  """Slot of each choice in its expert's buffer, in priority order.
+
+  Every token's first choice is placed before any token's second choice
+  (k-major order); within one k, tokens go in `priority_order` (or in group
+  order when None).
+
+  Args:
+    expert_index: <int32>[G, S, K].
+    wanted: <bool>[G, S, K] choices that compete for slots.
+    priority_order: <int32>[G, S] permutation of tokens, highest priority
+      first, or None.
+    num_experts: E.
+
+  Returns:
+    <int32>[G, S, K] zero-based arrival order of each wanted choice at its
+    expert (garbage where not wanted).
+  """
+  if priority_order is not None:
+    take = lambda a: jnp.take_along_axis(a, priority_order[..., None], axis=1)
+    expert_index, wanted = take(expert_index), take(wanted)
+  groups, tokens, k = expert_index.shape
+  # [G, K, S] -> [G, K*S]: all first choices, then all second choices, ...
+  order_k_major = lambda a: jnp.swapaxes(a, 1, 2).reshape(groups, k * tokens,
+                                                          *a.shape[3:])
+  one_hot = jax.nn.one_hot(order_k_major(expert_index), num_experts,
+                           dtype=jnp.int32)
+  one_hot = one_hot * order_k_major(wanted)[..., None]
+  arrival = jnp.cumsum(one_hot, axis=1) - 1  # [G, K*S, E]
+  position = jnp.sum(arrival * one_hot, axis=-1)  # [G, K*S]
+  position = jnp.swapaxes(position.reshape(groups, k, tokens), 1, 2)
+  if priority_order is not None:
+    inverse = jnp.argsort(priority_order, axis=1)
+    position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+  return position
+
+
+class TokenChoiceRouter(Router):
+  """Top-K token choice: Switch (K=1), GShard (K=2), Mixtral (renormalized).
+
+  Attributes:
+    num_selected_experts: K.
+    batch_prioritized_routing: place tokens in order of their top router
+      probability instead of group order, so confident tokens are dropped
+      last (Riquelme et al. 2021, BPR).
+    renormalize_gates: combine weights are the top-K probabilities divided by
+      their sum (Mixtral, GShard) instead of the raw softmax probabilities
+      (Switch, flaxformer's default).
+    second_expert_policy: see `SecondExpertPolicy`.
+    second_expert_threshold: threshold of the RANDOM policy.
+  """
+  num_selected_experts: int = 1
+  batch_prioritized_routing: bool = False
+  renormalize_gates: bool = False
+  second_expert_policy: SecondExpertPolicy = SecondExpertPolicy.ALL
+  second_expert_threshold: float = 0.5
+
+  @property
+  def capacity_multiplier(self) -> int:
+    return self.num_selected_experts
+
+  def validate(self, num_experts: int) -> None:
+    super().validate(num_experts)
+    k = self.num_selected_experts
+    if not 1 <= k <= num_experts:
+      raise ValueError(
+          f"num_selected_experts must be in [1, num_experts={num_experts}]; "
+          f"got num_selected_experts={k}")
+    SecondExpertPolicy(self.second_expert_policy)
+    if self.second_expert_threshold <= 0:
+      raise ValueError("second_expert_threshold must be > 0; got "
+                       f"second_expert_threshold={self.second_expert_threshold}")
+
+  @nn.compact
+  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
+               capacity: Optional[int], deterministic: bool,
+               token_ids: Optional[Array] = None) -> RouterOutput:
+    del token_ids
+    logits = RouterWeights(num_experts, name="router_weights")(
+        self.jitter(x, deterministic))
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_probs, expert_index = jax.lax.top_k(probs, self.num_selected_experts)
+    normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    gates = normalized if self.renormalize_gates else top_probs
+
+    wanted = jnp.broadcast_to(token_mask[..., None] > 0, expert_index.shape)
+    if (SecondExpertPolicy(self.second_expert_policy) ==
+        SecondExpertPolicy.RANDOM and not deterministic and
+        self.num_selected_experts > 1):
+      draw = jax.random.uniform(self.make_rng("dropout"), normalized.shape)
+      keep = draw < normalized / self.second_expert_threshold
+      wanted = wanted & keep.at[..., 0].set(True)
+
+    expert_mask = jnp.sum(
+        jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
+    aux_loss = losses.load_balancing_loss(probs, expert_mask, token_mask)
+    z_loss = losses.router_z_loss(logits, token_mask)
+
+    if capacity is None:
+      position = None
+      dispatched = wanted
+    else:
+      priority = None
+      if self.batch_prioritized_routing:
+        priority = jnp.argsort(-top_probs[..., 0], axis=-1)
+      position = _positions_in_experts(expert_index, wanted, priority,
+                                       num_experts)
+      dispatched = wanted & (position < capacity)
+      position = jnp.where(dispatched, position, capacity).astype(jnp.int32)
+    decision = TokenChoice(
+        expert_index=expert_index.astype(jnp.int32),
+        gates=jnp.where(dispatched, gates, 0.0),
+        dispatched=dispatched,
+        position=position)
+    return RouterOutput(decision, probs, aux_loss, z_loss)
+
+
+class ExpertChoiceRouter(Router):
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
+
+  Token-to-expert probabilities are a softmax over experts; expert e takes the
+  C tokens of the group with the highest probability for e and weights its
+  output by that probability. Every expert is exactly full, so there is no
+  balancing loss; a token may be taken by several experts or by none.
+
+  An expert's choice depends on every token of the group, later ones
+  included: in a causal decoder this leaks the future, and the MoE layer
+  refuses it unless told otherwise.
+  """
+
+  @property
+  def supports_dropless(self) -> bool:
+    return False
+
+  @property
+  def sees_whole_group(self) -> bool:
+    return True
+
+  @nn.compact
+  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
+               capacity: Optional[int], deterministic: bool,
+               token_ids: Optional[Array] = None) -> RouterOutput:
+    del token_ids
+    if capacity is None:
+      raise ValueError("ExpertChoiceRouter needs a capacity; it cannot run on "
+                       "the dropless dispatch path")
+    logits = RouterWeights(num_experts, name="router_weights")(
+        self.jitter(x, deterministic))
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Padding tokens score below every real token, so they are taken last.
+    scores = jnp.where(token_mask[..., None] > 0, probs, -1.0)
+    _, token_index = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+    chosen_prob = jnp.take_along_axis(jnp.swapaxes(probs, 1, 2), token_index,
+                                      axis=-1)  # [G, E, C]
+    dispatched = jnp.take_along_axis(
+        jnp.broadcast_to(token_mask[:, None, :] > 0, scores.shape[:1] +
+                         (num_experts, scores.shape[1])), token_index, axis=-1)
+    decision = ExpertChoice(
+        token_index=token_index.astype(jnp.int32),
+        gates=jnp.where(dispatched, chosen_prob, 0.0),
+        dispatched=dispatched)
+    z_loss = losses.router_z_loss(logits, token_mask)
+    return RouterOutput(decision, probs, jnp.zeros((), jnp.float32), z_loss)

@@ -1,0 +1,35 @@
+"""moe_jax: sparse Mixture-of-Experts language models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts T5 / decoder models and FLAN-style "
+    "instruction tuning in JAX and Flax.",
+    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*",
+                                               "tasks", "tasks.*"]),
+    package_data={"": ["*.gin"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "gin-config>=0.5",
+        "numpy>=1.26",
+        "seqio>=0.0.20",
+        "tensorflow>=2.21",
+        "tensorflow-text>=2.21",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "scipy>=1.11",
+        ],
+    },
+)
