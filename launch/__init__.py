@@ -1,0 +1,1 @@
+"""Launchers: TPU VM slices, SLURM GPU clusters, N local processes."""
