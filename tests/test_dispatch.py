@@ -1,0 +1,40 @@
+"""Capacity formula and token grouping."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import dispatch
+
+
+@pytest.mark.parametrize("tokens,experts,factor,min_cap,k,want", [
+    (64, 8, 1.0, 4, 1, 8),      # cf * S * k / E
+    (64, 8, 1.25, 4, 2, 20),    # k multiplies: 1.25 * 64 * 2 / 8
+    (64, 8, 0.1, 4, 1, 4),      # min_expert_capacity wins
+    (10, 4, 1.0, 0, 1, 2),      # round(2.5) = 2 (round half to even)
+    (14, 4, 1.0, 0, 1, 4),      # round(3.5) = 4
+    (16, 2, 4.0, 1, 2, 16),     # capped at S
+])
+def test_expert_capacity_formula(tokens, experts, factor, min_cap, k, want):
+  assert dispatch.expert_capacity(tokens, experts, factor, min_cap, k) == want
+
+
+def test_expert_capacity_rejects_nonpositive_factor():
+  with pytest.raises(ValueError, match="capacity_factor"):
+    dispatch.expert_capacity(8, 2, 0.0, 1)
+
+
+def test_group_shape():
+  assert dispatch.group_shape(24, 8, False) == (3, 8)
+  assert dispatch.group_shape(6, 8, False) == (1, 6)
+  assert dispatch.group_shape(20, 8, True) == (3, 8)
+  with pytest.raises(ValueError, match="max_group_size=8"):
+    dispatch.group_shape(20, 8, False)
+
+
+def test_group_tokens_pads_with_zeros():
+  x = jnp.arange(10.0).reshape(5, 2)
+  grouped = dispatch.group_tokens(x, 2, 3)
+  assert grouped.shape == (2, 3, 2)
+  np.testing.assert_array_equal(grouped.reshape(6, 2)[:5], x)
+  np.testing.assert_array_equal(grouped[1, 2], 0.0)
