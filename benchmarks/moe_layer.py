@@ -1,0 +1,151 @@
+"""MoE layer forward+backward time against a FLOP-matched dense FFN.
+
+  python benchmarks/moe_layer.py [--quick] [--tokens 4096 --width 256
+      --hidden 512 --experts 8 64 --k 1 2 --dtype bfloat16] [--out r.json]
+
+For each (E, k) the dense baseline is a gated-gelu FFN with d_ff = k * f, so
+it does the same useful matmul work as k experts of width f per token. Every
+variant is timed in the same run (median of --iters after a warm-up), and the
+table gives time, useful TFLOP/s (multiply-add = 2 FLOPs; forward+backward =
+3x forward), the ratio to dense, the fraction of tokens dropped, and the
+temporary memory XLA reserves for the compiled step (its peak activation
+footprint). A benchmark, not a test: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.dispatch import Dispatch
+from moe_jax.experts import Activation, Experts
+from moe_jax.layers import MoeLayer
+from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+
+GATED_MATMULS = 3  # wi_0, wi_1, wo
+
+
+def dense_ffn(hidden: int, dtype) -> nn.Module:
+  """A dense gated-gelu FFN: one expert of width `hidden`."""
+  return Experts(num_experts=1, hidden_dim=hidden,
+                 activation=Activation.GATED_GELU, dtype=dtype)
+
+
+def _fwd_bwd(apply_fn, params, x):
+  def loss(p, v):
+    return jnp.mean(apply_fn(p, v).astype(jnp.float32) ** 2)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _time(step, params, x, iters: int) -> float:
+  jax.block_until_ready(step(params, x))  # compile + warm-up
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(step(params, x))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _temp_bytes(step, params, x) -> int | None:
+  analysis = step.lower(params, x).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def run(args) -> list[dict]:
+  dtype = jnp.dtype(args.dtype)
+  key_x, key_p = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(key_x, (args.batch, args.tokens // args.batch,
+                                args.width), dtype)
+  rows = []
+  for experts in args.experts:
+    for k in args.k:
+      useful = 3 * 2 * GATED_MATMULS * args.tokens * args.width * args.hidden * k
+      dense = dense_ffn(k * args.hidden, dtype)
+      flat = x.reshape(1, -1, args.width)
+      dense_params = dense.init(key_p, flat, deterministic=True)
+      step = _fwd_bwd(lambda p, v: dense.apply(
+          p, v.reshape(1, -1, v.shape[-1]), deterministic=True).reshape(v.shape),
+                      dense_params, x)
+      dense_time = _time(step, dense_params, x, args.iters)
+      rows.append(dict(experts=experts, k=k, variant="dense", time_ms=1e3 *
+                       dense_time, tflops=useful / dense_time / 1e12,
+                       ratio=1.0, dropped=0.0,
+                       temp_mib=_mib(_temp_bytes(step, dense_params, x))))
+      variants = [(path.value, TokenChoiceRouter(num_selected_experts=k), path)
+                  for path in Dispatch]
+      if k == 1:
+        variants.append(("expert_choice/scatter", ExpertChoiceRouter(),
+                         Dispatch.SCATTER))
+      for name, router, path in variants:
+        layer = MoeLayer(num_experts=experts, expert_hidden_dim=args.hidden,
+                         router=router, dispatch=path,
+                         eval_capacity_factor=args.capacity_factor,
+                         max_group_size=args.group_size, dtype=dtype)
+        params = layer.init(key_p, x, deterministic=True)
+        step = _fwd_bwd(lambda p, v, layer=layer: layer.apply(
+            p, v, deterministic=True)[0], params, x)
+        seconds = _time(step, params, x, args.iters)
+        _, stats = jax.jit(lambda p, v, layer=layer: layer.apply(
+            p, v, deterministic=True))(params, x)
+        rows.append(dict(
+            experts=experts, k=k, variant=name, time_ms=1e3 * seconds,
+            tflops=useful / seconds / 1e12, ratio=seconds / dense_time,
+            dropped=float(stats.fraction_tokens_left_behind),
+            temp_mib=_mib(_temp_bytes(step, params, x))))
+  return rows
+
+
+def _mib(num_bytes: int | None) -> float | None:
+  return None if num_bytes is None else num_bytes / 2**20
+
+
+def print_table(rows: list[dict]) -> None:
+  print(f"{'E':>3} {'k':>2} {'variant':<22} {'ms':>9} {'TFLOP/s':>8} "
+        f"{'x dense':>8} {'dropped':>8} {'temp MiB':>9}")
+  for r in rows:
+    temp = "n/a" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"
+    print(f"{r['experts']:>3} {r['k']:>2} {r['variant']:<22} "
+          f"{r['time_ms']:9.2f} {r['tflops']:8.3f} {r['ratio']:8.2f} "
+          f"{r['dropped']:8.3f} {temp:>9}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--width", type=int, default=256)
+  parser.add_argument("--hidden", type=int, default=512)
+  parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+  parser.add_argument("--k", type=int, nargs="+", default=[1, 2])
+  parser.add_argument("--capacity_factor", type=float, default=1.25)
+  parser.add_argument("--group_size", type=int, default=4096)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes, for checking that the script runs")
+  parser.add_argument("--out", default=None, help="write the rows as JSON")
+  args = parser.parse_args()
+  if args.quick:
+    args.tokens, args.width, args.hidden, args.iters = 512, 64, 128, 2
+    args.experts = [8]
+  print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  "
+        f"tokens {args.tokens}  d {args.width}  f {args.hidden}  "
+        f"capacity factor {args.capacity_factor}  {args.dtype}")
+  rows = run(args)
+  print_table(rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind,
+                 "jax": jax.__version__, "args": vars(args), "rows": rows}, f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  main()
