@@ -97,19 +97,41 @@ class Experts(nn.Module):
     Returns:
       Same shape as x.
     """
-    activation = Activation(self.activation)
     width = x.shape[-1]
-    x = x.astype(self.dtype)
     if group_sizes is None:
       matmul = lambda a, w: jnp.einsum("etd,edf->etf", a, w)
     else:
       matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    in_shape = (self.num_experts, width, self.hidden_dim)
-    if activation.is_gated:
-      hidden = activation.fn(matmul(x, self._weight("wi_0", in_shape, WI_AXES)))
-      hidden = hidden * matmul(x, self._weight("wi_1", in_shape, WI_AXES))
-    else:
-      hidden = activation.fn(matmul(x, self._weight("wi", in_shape, WI_AXES)))
-    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    out_shape = (self.num_experts, self.hidden_dim, width)
-    return matmul(hidden, self._weight("wo", out_shape, WO_AXES))
+
+    def weight(name: str, into_hidden: bool) -> Array:
+      if into_hidden:
+        return self._weight(name, (self.num_experts, width, self.hidden_dim),
+                            WI_AXES)
+      return self._weight(name, (self.num_experts, self.hidden_dim, width),
+                          WO_AXES)
+
+    dropout = nn.Dropout(self.dropout_rate)
+    return mlp(x.astype(self.dtype), Activation(self.activation), weight,
+               matmul, lambda h: dropout(h, deterministic=deterministic))
+
+
+def mlp(x: Array, activation: Activation,
+        weight: Callable[[str, bool], Array],
+        matmul: Callable[[Array, Array], Array],
+        hidden_dropout: Callable[[Array], Array]) -> Array:
+  """The FFN shared by experts and dense layers: x -> act(x wi) -> wo.
+
+  Args:
+    x: input rows.
+    activation: `Activation`; gated ones use two input matrices wi_0, wi_1.
+    weight: weight(name, into_hidden) returns the matrix called `name`
+      ("wi", "wi_0", "wi_1" into the hidden layer, "wo" out of it).
+    matmul: how rows meet a weight (plain, batched per expert, or grouped).
+    hidden_dropout: applied to the hidden activations.
+  """
+  if activation.is_gated:
+    hidden = activation.fn(matmul(x, weight("wi_0", True)))
+    hidden = hidden * matmul(x, weight("wi_1", True))
+  else:
+    hidden = activation.fn(matmul(x, weight("wi", True)))
+  return matmul(hidden_dropout(hidden), weight("wo", False))

@@ -1,0 +1,283 @@
+"""Transformer layers, repeated blocks, and stacks (unrolled or scanned).
+
+Dimension names: B batch, L length, D model width, K key length.
+
+A stack of N layers is N / n blocks of n = `MoeConfig.sparse_every` layers;
+the last layer of each block has the MoE FFN (flaxformer's mixed layout), so
+every block has the same parameter structure and blocks can be scanned.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax.experts import Activation, mlp
+from moe_jax.layers import MoeLayer, MoeStats
+from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
+                                      RelativePositionBias)
+from moe_jax.models.config import (PositionEmbedding, RematPolicy,
+                                   TransformerConfig)
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    RematPolicy.FULL: None,
+    RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    RematPolicy.DOTS_WITH_BATCH: jax.checkpoint_policies.dots_saveable,
+}
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, -1, keepdims=True) +
+                                 self.epsilon)
+    return (normed * scale).astype(self.dtype)
+
+
+class DenseFFN(nn.Module):
+  """Dense feed-forward layer D -> F -> D (same activations as the experts)."""
+  hidden_dim: int
+  activation: Activation
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    width = x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+    def weight(name: str, into_hidden: bool) -> Array:
+      shape, axes = (((width, self.hidden_dim), ("embed", "mlp")) if
+                     into_hidden else
+                     ((self.hidden_dim, width), ("mlp", "embed")))
+      w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                     jnp.float32)
+      return jnp.asarray(w, self.dtype)
+
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))
+    return mlp(x.astype(self.dtype), Activation(self.activation), weight,
+               jnp.matmul, lambda h: dropout(h, deterministic=deterministic))
+
+
+@struct.dataclass
+class LayerContext:
+  """Everything a layer reads besides its input, shared by all layers.
+
+  Attributes:
+    self_bias: <float32>[B, 1 or H, L, K] mask + position bias of
+      self-attention (K = cache length when decoding).
+    positions: <int32>[B, L] positions of the layer's tokens (rotary
+      embeddings of queries and of the keys written this call).
+    moe_mask: <float32>[B, L] 1 for real tokens (routed), 0 for padding.
+    token_ids: <int32>[B, L] token ids (hash routers).
+    encoded: <[B, Le, D]> encoder output for cross-attention, or None.
+    cross_bias: <float32>[B, 1, L, Le] cross-attention mask, or None.
+    decode_index: <int32>[B] cache slot of this step, or None.
+  """
+  self_bias: Array
+  positions: Array
+  moe_mask: Array
+  token_ids: Array
+  encoded: Optional[Array] = None
+  cross_bias: Optional[Array] = None
+  decode_index: Optional[Array] = None
+
+
+class TransformerLayer(nn.Module):
+  """Pre-norm layer: self-attention, [cross-attention], dense or MoE FFN."""
+  config: TransformerConfig
+  stack: str
+  sparse: bool
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: LayerContext, deterministic: bool
+               ) -> tuple[Array, Optional[MoeStats]]:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    residual = lambda x, h: x + dropout(h, deterministic=deterministic)
+    rope = (cfg.rope_max_wavelength if PositionEmbedding(
+        cfg.position_embedding) == PositionEmbedding.ROPE else None)
+
+    h = RMSNorm(dtype=dtype, name="pre_self_attention_norm")(x)
+    h = MultiHeadAttention(
+        cfg.num_heads, cfg.head_dim, cfg.dropout_rate, rope, dtype,
+        name="self_attention")(
+            h, h, ctx.self_bias, deterministic=deterministic,
+            positions=ctx.positions, memory_positions=ctx.positions,
+            decode_index=ctx.decode_index)
+    x = residual(x, h)
+    if ctx.encoded is not None:
+      h = RMSNorm(dtype=dtype, name="pre_cross_attention_norm")(x)
+      h = MultiHeadAttention(
+          cfg.num_heads, cfg.head_dim, cfg.dropout_rate, None, dtype,
+          name="encoder_decoder_attention")(
+              h, ctx.encoded, ctx.cross_bias, deterministic=deterministic)
+      x = residual(x, h)
+
+    h = RMSNorm(dtype=dtype, name="pre_mlp_norm")(x)
+    stats = None
+    moe = cfg.moe(self.stack)
+    if self.sparse:
+      h, stats = MoeLayer(
+          num_experts=moe.num_experts,
+          expert_hidden_dim=moe.expert_hidden_dim or cfg.mlp_dim,
+          router=moe.router.clone(), dispatch=moe.dispatch,
+          train_capacity_factor=moe.train_capacity_factor,
+          eval_capacity_factor=moe.eval_capacity_factor,
+          min_expert_capacity=moe.min_expert_capacity,
+          max_group_size=moe.max_group_size,
+          activation=moe.activation or cfg.activation,
+          expert_dropout_rate=moe.expert_dropout_rate,
+          causal=self.stack == "decoder",
+          allow_expert_choice_in_causal=moe.allow_expert_choice_in_causal,
+          dtype=dtype, name="moe")(h, ctx.moe_mask,
+                                   deterministic=deterministic,
+                                   token_ids=ctx.token_ids)
+      x = residual(x, h)
+      if moe.extra_dense_ffn:
+        h = RMSNorm(dtype=dtype, name="pre_extra_mlp_norm")(x)
+        h = DenseFFN(cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype,
+                     name="extra_mlp")(h, deterministic=deterministic)
+        x = residual(x, h)
+    else:
+      h = DenseFFN(cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype,
+                   name="mlp")(h, deterministic=deterministic)
+      x = residual(x, h)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, stats
+
+
+class Block(nn.Module):
+  """`block_size` layers; the last one is sparse when the stack has MoE."""
+  config: TransformerConfig
+  stack: str
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: LayerContext, deterministic: bool
+               ) -> tuple[Array, Optional[MoeStats]]:
+    size = self.config.block_size(self.stack)
+    has_moe = self.config.moe(self.stack) is not None
+    stats = None
+    for i in range(size):
+      sparse = has_moe and i == size - 1
+      x, layer_stats = TransformerLayer(self.config, self.stack, sparse,
+                                        name=f"layer_{i}")(x, ctx,
+                                                           deterministic)
+      stats = layer_stats if sparse else stats
+    return x, stats
+
+
+def _block_class(config: TransformerConfig):
+  policy = RematPolicy(config.remat_policy)
+  if policy == RematPolicy.NONE:
+    return Block
+  return nn.remat(Block, policy=_REMAT_POLICIES[policy],
+                  prevent_cse=not config.scan_layers, static_argnums=(3,))
+
+
+class Stack(nn.Module):
+  """Blocks of one stack, its position bias, and the final norm.
+
+  The relative position bias table is shared by every layer of the stack
+  (T5). In decode mode the stack keeps the per-example step in the 'cache'
+  collection.
+  """
+  config: TransformerConfig
+  stack: str
+
+  @nn.compact
+  def __call__(self, x: Array, *, positions: Array,
+               attention_mask: Array, token_ids: Array, moe_mask: Array,
+               encoded: Optional[Array] = None,
+               cross_mask: Optional[Array] = None, deterministic: bool,
+               decode: bool = False, prefill_lengths: Optional[Array] = None
+               ) -> tuple[Array, Optional[MoeStats]]:
+    """Runs the stack.
+
+    Args:
+      x: <[B, L, D]> embedded tokens.
+      positions: <int32>[B, L] positions of the tokens.
+      attention_mask: <bool>[B, L, L] which keys each query may see (full
+        pass); ignored for single-token decode steps, which see the cache up
+        to their own slot.
+      token_ids, moe_mask: passed to MoE layers.
+      encoded, cross_mask: encoder output and <bool>[B, L, Le] mask.
+      decode: use and update the key/value cache. A call whose length equals
+        the cache length (or that creates the cache) is a full pass that
+        fills it; a call with L = 1 is one step.
+      prefill_lengths: <int32>[B] steps already in the cache after a full
+        pass in decode mode (default 0: the cache is only being created).
+
+    Returns:
+      <[B, L, D]> outputs and the MoE stats with a leading block axis.
+    """
+    cfg = self.config
+    batch, length = x.shape[:2]
+    decode_index = None
+    key_positions = positions
+    if decode:
+      step = self.variable("cache", "step", jnp.zeros, (batch,), jnp.int32)
+      # Its shape records the cache length: [cache length].
+      slots = self.variable("cache", "slots", jnp.arange, length)
+      if length == 1 and not self.is_initializing():
+        decode_index = step.value
+        cache_length = slots.value.shape[0]
+        key_positions = jnp.broadcast_to(slots.value, (batch, cache_length))
+        attention_mask = key_positions[:, None, :] <= decode_index[:, None,
+                                                                   None]
+        positions = decode_index[:, None]
+        step.value = step.value + 1
+      else:
+        decode_index = jnp.zeros((batch,), jnp.int32)
+        step.value = (jnp.zeros((batch,), jnp.int32) if prefill_lengths is
+                      None else prefill_lengths.astype(jnp.int32))
+    bias = jnp.where(attention_mask[:, None], 0.0, NEG_INF)
+    if PositionEmbedding(cfg.position_embedding) == PositionEmbedding.RELATIVE:
+      bias = bias + RelativePositionBias(
+          cfg.num_heads, cfg.relative_attention_num_buckets,
+          cfg.relative_attention_max_distance,
+          bidirectional=self.stack == "encoder", name="relpos_bias")(
+              positions, key_positions)
+    cross_bias = (None if cross_mask is None else
+                  jnp.where(cross_mask[:, None], 0.0, NEG_INF))
+    ctx = LayerContext(self_bias=bias, positions=positions,
+                       moe_mask=moe_mask.astype(jnp.float32),
+                       token_ids=token_ids, encoded=encoded,
+                       cross_bias=cross_bias, decode_index=decode_index)
+
+    num_blocks = cfg.num_layers(self.stack) // cfg.block_size(self.stack)
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, stats = scanned(cfg, self.stack, name="blocks")(x, ctx,
+                                                         deterministic)
+    else:
+      per_block = []
+      for i in range(num_blocks):
+        x, block_stats = block(cfg, self.stack, name=f"block_{i}")(
+            x, ctx, deterministic)
+        per_block.append(block_stats)
+      stats = (None if per_block[0] is None else
+               jax.tree.map(lambda *a: jnp.stack(a), *per_block))
+    x = RMSNorm(dtype=cfg.activation_dtype, name="final_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        x, deterministic=deterministic)
+    return x, stats

@@ -1,0 +1,187 @@
+"""Model configuration: frozen dataclasses, set from gin.
+
+`TransformerConfig` describes a whole model; `MoeConfig` the sparse layers of
+one stack (encoder or decoder), so the two stacks can route differently
+(e.g. batch-prioritized routing or expert choice in the encoder only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional
+
+import jax.numpy as jnp
+
+from moe_jax.dispatch import Dispatch
+from moe_jax.experts import Activation
+from moe_jax.routing import Router
+
+
+class Architecture(str, enum.Enum):
+  ENCODER_DECODER = "encoder_decoder"
+  DECODER_ONLY = "decoder_only"
+
+
+class PositionEmbedding(str, enum.Enum):
+  """RELATIVE: T5 bucketed relative attention bias, one table per stack.
+  ROPE: rotary embeddings on queries and keys (Mixtral-style)."""
+  RELATIVE = "relative"
+  ROPE = "rope"
+
+
+class RematPolicy(str, enum.Enum):
+  """What a rematerialized layer block keeps for the backward pass."""
+  NONE = "none"                    # no remat: keep every activation
+  FULL = "full"                    # keep only block inputs
+  DOTS = "dots"                    # keep matmul outputs (no batch dims)
+  DOTS_WITH_BATCH = "dots_with_batch"
+
+
+def _choice(enum_type, knob: str, value):
+  try:
+    return enum_type(value)
+  except ValueError:
+    raise ValueError(f"{knob} must be one of {[m.value for m in enum_type]}; "
+                     f"got {knob}={value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """The sparse layers of one stack.
+
+  Attributes:
+    router: an unbound `moe_jax.routing.Router`; every sparse layer gets its
+      own copy (own weights).
+    num_experts: E.
+    expert_hidden_dim: F per expert; None: the model's `mlp_dim`.
+    sparse_every: the FFN of the last layer of every block of this many
+      layers is an MoE layer (2: layers 1, 3, 5, ...; 1: every layer).
+    extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
+    dispatch, train_capacity_factor, eval_capacity_factor,
+    min_expert_capacity, max_group_size, expert_dropout_rate: see
+      `moe_jax.layers.MoeLayer`.
+    activation: expert activation; None: the model's FFN activation.
+    allow_expert_choice_in_causal: see `MoeLayer`.
+  """
+  router: Router
+  num_experts: int = 8
+  expert_hidden_dim: Optional[int] = None
+  sparse_every: int = 2
+  extra_dense_ffn: bool = False
+  dispatch: Dispatch = Dispatch.SCATTER
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_expert_capacity: int = 4
+  max_group_size: int = 4096
+  expert_dropout_rate: float = 0.0
+  activation: Optional[Activation] = None
+  allow_expert_choice_in_causal: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A T5-style encoder-decoder or a decoder-only language model.
+
+  Attributes:
+    vocab_size: V (token 0 is padding).
+    emb_dim: D.
+    num_heads: attention heads H.
+    head_dim: width of each head.
+    mlp_dim: dense FFN hidden width.
+    num_encoder_layers: 0 for decoder-only models.
+    num_decoder_layers: decoder layers.
+    architecture: `Architecture`.
+    dropout_rate: dropout after attention / FFN and on embeddings.
+    activation: dense FFN `Activation` (T5 v1.1: gated_gelu).
+    logits_via_embedding: tie the output projection to the embedding.
+    position_embedding: `PositionEmbedding`.
+    relative_attention_num_buckets, relative_attention_max_distance: T5
+      relative position buckets.
+    rope_max_wavelength: base of the rotary frequencies.
+    encoder_moe, decoder_moe: sparse layers of each stack; None: dense.
+    scan_layers: scan over repeated layer blocks (same numbers, faster
+      compiles for deep models).
+    remat_policy: `RematPolicy` of each layer block.
+    dtype: activation dtype ("float32", "bfloat16").
+  """
+  vocab_size: int
+  emb_dim: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_decoder_layers: int
+  num_encoder_layers: int = 0
+  architecture: Architecture = Architecture.ENCODER_DECODER
+  dropout_rate: float = 0.0
+  activation: Activation = Activation.GATED_GELU
+  logits_via_embedding: bool = False
+  position_embedding: PositionEmbedding = PositionEmbedding.RELATIVE
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  rope_max_wavelength: float = 10_000.0
+  encoder_moe: Optional[MoeConfig] = None
+  decoder_moe: Optional[MoeConfig] = None
+  scan_layers: bool = False
+  remat_policy: RematPolicy = RematPolicy.NONE
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    arch = _choice(Architecture, "architecture", self.architecture)
+    _choice(Activation, "activation", self.activation)
+    _choice(PositionEmbedding, "position_embedding", self.position_embedding)
+    _choice(RematPolicy, "remat_policy", self.remat_policy)
+    for knob in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                 "num_decoder_layers"):
+      if getattr(self, knob) < 1:
+        raise ValueError(f"{knob} must be >= 1; got {knob}="
+                         f"{getattr(self, knob)}")
+    if arch == Architecture.ENCODER_DECODER and self.num_encoder_layers < 1:
+      raise ValueError("an encoder_decoder needs num_encoder_layers >= 1; got "
+                       f"num_encoder_layers={self.num_encoder_layers}")
+    if arch == Architecture.DECODER_ONLY and (self.num_encoder_layers or
+                                              self.encoder_moe):
+      raise ValueError("a decoder_only model has no encoder; got "
+                       f"num_encoder_layers={self.num_encoder_layers}, "
+                       f"encoder_moe={self.encoder_moe}")
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f"dropout_rate must be in [0, 1); got dropout_rate="
+                       f"{self.dropout_rate}")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError:
+      raise ValueError(f"dtype must name a jax dtype; got dtype="
+                       f"{self.dtype!r}") from None
+    for stack, moe, layers in (("encoder", self.encoder_moe,
+                                self.num_encoder_layers),
+                               ("decoder", self.decoder_moe,
+                                self.num_decoder_layers)):
+      if moe is None:
+        continue
+      if moe.sparse_every < 1 or layers % moe.sparse_every:
+        raise ValueError(
+            f"{stack}_moe.sparse_every={moe.sparse_every} must be >= 1 and "
+            f"divide num_{stack}_layers={layers}")
+      if stack == "decoder" and moe.router.sees_whole_group and not (
+          moe.allow_expert_choice_in_causal):
+        raise ValueError(
+            f"decoder_moe.router={type(moe.router).__name__} looks at the "
+            "whole group and leaks future tokens in the causal decoder; use "
+            "token choice there or set "
+            "decoder_moe.allow_expert_choice_in_causal=True")
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def block_size(self, stack: str) -> int:
+    """Layers per repeated block of `stack` (the scan unit)."""
+    moe = self.encoder_moe if stack == "encoder" else self.decoder_moe
+    return 1 if moe is None else moe.sparse_every
+
+  def num_layers(self, stack: str) -> int:
+    return (self.num_encoder_layers if stack == "encoder" else
+            self.num_decoder_layers)
+
+  def moe(self, stack: str) -> Optional[MoeConfig]:
+    return self.encoder_moe if stack == "encoder" else self.decoder_moe

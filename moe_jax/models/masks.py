@@ -1,0 +1,42 @@
+"""Attention masks from tokens, segments and prefixes. All <bool>.
+
+Dimension names: B batch, Q query length, K key length.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def real_tokens(tokens: Array, segment_ids: Optional[Array] = None) -> Array:
+  """<bool>[B, L]: segment id > 0 when packed, else token id > 0."""
+  return (segment_ids if segment_ids is not None else tokens) > 0
+
+
+def attention_mask(q_real: Array, k_real: Array,
+                   q_segments: Optional[Array] = None,
+                   k_segments: Optional[Array] = None) -> Array:
+  """<bool>[B, Q, K]: real queries see real keys of their own segment."""
+  mask = q_real[:, :, None] & k_real[:, None, :]
+  if q_segments is not None and k_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  return mask
+
+
+def causal_mask(length: int, prefix: Optional[Array] = None) -> Array:
+  """<bool>[B or 1, L, L]: keys at or before the query.
+
+  With `prefix` <[B, L]> (1 on the inputs of a prefix-LM example), tokens of
+  the prefix also see each other in both directions.
+  """
+  positions = jnp.arange(length)
+  mask = (positions[None, :, None] >= positions[None, None, :])
+  if prefix is not None:
+    in_prefix = prefix > 0
+    mask = mask | (in_prefix[:, :, None] & in_prefix[:, None, :])
+  return mask

@@ -1,0 +1,110 @@
+"""T5 v1.1 encoder-decoder, dense or sparse, with T5X's call signatures.
+
+Dimension names: B batch, Le encoder length, Ld decoder length, D width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import MoeStats
+from moe_jax.models import masks
+from moe_jax.models.blocks import Stack
+from moe_jax.models.config import TransformerConfig
+from moe_jax.models.embedding import EmbeddingAndLogits
+from moe_jax.models.outputs import ModelOutput, concat_stats
+
+Array = jax.Array
+
+
+def _positions(tokens: Array, positions: Optional[Array]) -> Array:
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class EncoderDecoder(nn.Module):
+  """Encoder and decoder share the token embedding (T5)."""
+  config: TransformerConfig
+
+  def setup(self):
+    self.embedder = EmbeddingAndLogits(self.config)
+    self.encoder = Stack(self.config, "encoder")
+    self.decoder = Stack(self.config, "decoder")
+    self.embed_dropout = nn.Dropout(self.config.dropout_rate,
+                                    broadcast_dims=(-2,))
+
+  def encode(self, encoder_input_tokens: Array,
+             encoder_segment_ids: Optional[Array] = None,
+             encoder_positions: Optional[Array] = None, *,
+             enable_dropout: bool = True) -> tuple[Array, Optional[MoeStats]]:
+    """<int32>[B, Le] tokens -> (<[B, Le, D]> encoded, encoder MoE stats)."""
+    real = masks.real_tokens(encoder_input_tokens, encoder_segment_ids)
+    x = self.embed_dropout(self.embedder.embed(encoder_input_tokens),
+                           deterministic=not enable_dropout)
+    return self.encoder(
+        x, positions=_positions(encoder_input_tokens, encoder_positions),
+        attention_mask=masks.attention_mask(real, real, encoder_segment_ids,
+                                            encoder_segment_ids),
+        token_ids=encoder_input_tokens, moe_mask=real,
+        deterministic=not enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array,
+             decoder_input_tokens: Array,
+             decoder_target_tokens: Optional[Array] = None,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             decoder_positions: Optional[Array] = None, *,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None
+             ) -> tuple[Array, Optional[MoeStats]]:
+    """Decoder logits <float32>[B, Ld, V] given the encoder output.
+
+    With decode=True and Ld = 1 this is one cached step (the cache must have
+    been created by a full-length call with decode=True, e.g. at init).
+    `max_decode_length` is accepted for T5X compatibility; the cache length
+    is the length of the call that created it.
+    """
+    del max_decode_length
+    tokens = decoder_input_tokens
+    if decoder_segment_ids is not None:
+      real = decoder_segment_ids > 0
+    elif decoder_target_tokens is not None and not decode:
+      real = decoder_target_tokens > 0
+    else:
+      real = jnp.ones(tokens.shape, bool)
+    encoder_real = masks.real_tokens(encoder_input_tokens, encoder_segment_ids)
+    self_mask = masks.causal_mask(tokens.shape[1]) & masks.attention_mask(
+        real, real, decoder_segment_ids, decoder_segment_ids)
+    x = self.embed_dropout(self.embedder.embed(tokens),
+                           deterministic=not enable_dropout)
+    x, stats = self.decoder(
+        x, positions=_positions(tokens, decoder_positions),
+        attention_mask=self_mask, token_ids=tokens, moe_mask=real,
+        encoded=encoded,
+        cross_mask=masks.attention_mask(real, encoder_real,
+                                        decoder_segment_ids,
+                                        encoder_segment_ids),
+        deterministic=not enable_dropout, decode=decode)
+    return self.embedder.logits(x), stats
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, *,
+               enable_dropout: bool = True, decode: bool = False
+               ) -> ModelOutput:
+    encoded, encoder_stats = self.encode(
+        encoder_input_tokens, encoder_segment_ids, encoder_positions,
+        enable_dropout=enable_dropout)
+    logits, decoder_stats = self.decode(
+        encoded, encoder_input_tokens, decoder_input_tokens,
+        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+        decoder_positions, enable_dropout=enable_dropout, decode=decode)
+    return ModelOutput(logits, concat_stats(encoder_stats, decoder_stats))
