@@ -46,7 +46,9 @@ def sbatch_script(nodes: int, gpus_per_node: int, main_args: Sequence[str],
   body = [
       "set -euo pipefail",
       f"cd {workdir}",
-      "coordinator=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+      # sed reads all of its input: `head` could SIGPIPE scontrol under
+      # pipefail and fail the job.
+      "coordinator=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed -n 1p)",
       f"export {distributed.COORDINATOR_ADDRESS}=\"$coordinator:{port}\"",
       f"export {distributed.NUM_PROCESSES}=\"$SLURM_NTASKS\"",
       # SLURM_PROCID differs per task: the quoted inner shell expands it.

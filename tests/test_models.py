@@ -1,5 +1,7 @@
 """Models: sparse layout, scan == unrolled, cached decoding == full pass."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ def tiny(**overrides):
                   num_experts=4, sparse_every=2, eval_capacity_factor=8.0,
                   min_expert_capacity=1)
   fields = dict(vocab_size=50, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
-                num_encoder_layers=4, num_decoder_layers=2, encoder_moe=moe,
+                num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,
                 decoder_moe=moe)
   fields.update(overrides)
   return TransformerConfig(**fields)
@@ -32,8 +34,13 @@ def random_batch(config, batch=2, inputs=7, targets=5, seed=0):
 
 
 def init(model, batch, **kwargs):
-  return model.init(jax.random.PRNGKey(0), **batch, enable_dropout=False,
-                    **kwargs)
+  run = functools.partial(model.init, enable_dropout=False, **kwargs)
+  return jax.jit(run)(jax.random.PRNGKey(0), **batch)
+
+
+def forward(model, params, batch, **kwargs):
+  run = lambda p, b: model.apply(p, **b, enable_dropout=False, **kwargs)
+  return jax.jit(run)(params, batch)
 
 
 def stack_blocks(params):
@@ -55,7 +62,7 @@ def stack_blocks(params):
 
 
 def test_sparse_layers_are_the_last_of_each_block():
-  config = tiny()
+  config = tiny(num_encoder_layers=4)
   params = nn.unbox(init(build_model(config), random_batch(config)))["params"]
   encoder = params["encoder"]
   assert sorted(k for k in encoder if k.startswith("block_")) == [
@@ -72,21 +79,19 @@ def test_moe_stats_have_one_row_per_sparse_layer():
   config = tiny()
   model = build_model(config)
   batch = random_batch(config)
-  out = model.apply(init(model, batch), **batch, enable_dropout=False)
+  out = forward(model, init(model, batch), batch)
   assert out.logits.shape == (2, 5, 50)
-  assert out.moe_stats.auxiliary_loss.shape == (3,)  # 2 encoder + 1 decoder
-  assert out.moe_stats.expert_load.shape == (3, 4)
+  assert out.moe_stats.auxiliary_loss.shape == (2,)  # encoder, decoder
+  assert out.moe_stats.expert_load.shape == (2, 4)
   # Every real token routed twice (k = 2) in every sparse layer.
-  np.testing.assert_allclose(out.moe_stats.expert_load.sum(-1),
-                             [28, 28, 20])
+  np.testing.assert_allclose(out.moe_stats.expert_load.sum(-1), [28, 20])
 
 
 def test_dense_model_has_no_stats():
   config = tiny(encoder_moe=None, decoder_moe=None)
   model = build_model(config)
   batch = random_batch(config)
-  assert model.apply(init(model, batch), **batch,
-                     enable_dropout=False).moe_stats is None
+  assert forward(model, init(model, batch), batch).moe_stats is None
 
 
 @pytest.mark.parametrize("architecture,remat", [("encoder_decoder", "none"),
@@ -103,12 +108,10 @@ def test_scan_equals_unrolled(architecture, remat):
     out = model.apply(params, **batch, enable_dropout=False)
     return jnp.mean(out.logits ** 2) + jnp.sum(out.moe_stats.auxiliary_loss)
 
-  value_u, grad_u = jax.value_and_grad(
-      lambda p: loss(build_model(unrolled), {"params": p}))(
-          nn.unbox(params)["params"])
-  value_s, grad_s = jax.value_and_grad(
-      lambda p: loss(build_model(scanned), {"params": p}))(
-          stack_blocks(params)["params"])
+  value_and_grad = lambda config: jax.jit(jax.value_and_grad(
+      lambda p: loss(build_model(config), {"params": p})))
+  value_u, grad_u = value_and_grad(unrolled)(nn.unbox(params)["params"])
+  value_s, grad_s = value_and_grad(scanned)(stack_blocks(params)["params"])
   np.testing.assert_allclose(value_u, value_s, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                stack_blocks({"params": grad_u})["params"], grad_s)
@@ -129,10 +132,11 @@ def test_cached_decoding_equals_full_pass_encoder_decoder(scan):
   model = build_model(config)
   batch = random_batch(config)
   params = init(model, batch)["params"]
-  full = model.apply({"params": params}, **batch, enable_dropout=False).logits
+  full = forward(model, {"params": params}, batch).logits
   cache = init(model, batch, decode=True)["cache"]
-  encoded, _ = model.apply({"params": params}, batch["encoder_input_tokens"],
-                           enable_dropout=False, method="encode")
+  encoded, _ = jax.jit(lambda p, t: model.apply(
+      p, t, enable_dropout=False, method="encode"))(
+          {"params": params}, batch["encoder_input_tokens"])
 
   def step(cache, token):
     (logits, _), state = model.apply(
@@ -152,7 +156,7 @@ def test_cached_decoding_equals_full_pass_decoder_only(position_embedding):
   model = build_model(config)
   batch = random_batch(config, inputs=3, targets=5)
   params = init(model, batch)["params"]
-  full = model.apply({"params": params}, **batch, enable_dropout=False).logits
+  full = forward(model, {"params": params}, batch).logits
   cache = init(model, batch, decode=True)["cache"]
 
   def step(cache, token):
@@ -174,26 +178,25 @@ def test_prefill_then_decode_matches_prefix_lm():
   prompt = np.array([3, 5])  # prompt length of each example
   prefix = (np.arange(8)[None] < prompt[:, None]).astype(np.int32)
   params = init(model, batch)["params"]
-  full = model.apply({"params": params}, tokens,
-                     decoder_causal_attention=prefix,
-                     enable_dropout=False).logits
+  full = forward(model, {"params": params},
+                 {"decoder_input_tokens": tokens,
+                  "decoder_causal_attention": prefix}).logits
   cache = init(model, batch, decode=True)["cache"]
   prompt_only = np.where(prefix > 0, tokens, 0)
-  out, state = model.apply({"params": params, "cache": cache}, prompt_only,
-                           decoder_causal_attention=prefix,
-                           enable_dropout=False, decode=True, prefill=True,
-                           prefill_lengths=jnp.asarray(prompt),
-                           mutable=["cache"])
+  out, state = jax.jit(lambda v: model.apply(
+      v, prompt_only, decoder_causal_attention=prefix, enable_dropout=False,
+      decode=True, prefill=True, prefill_lengths=jnp.asarray(prompt),
+      mutable=["cache"]))({"params": params, "cache": cache})
   cache = state["cache"]
   for b, length in enumerate(prompt):
     np.testing.assert_allclose(out.logits[b, :length], full[b, :length],
                                atol=2e-5)
   # Continue each example from the end of its own prompt.
+  step = jax.jit(lambda v, t: model.apply(v, t, enable_dropout=False,
+                                          decode=True, mutable=["cache"]))
   for t in range(3):
     step_tokens = tokens[np.arange(2), prompt + t][:, None]
-    out, state = model.apply({"params": params, "cache": cache}, step_tokens,
-                             enable_dropout=False, decode=True,
-                             mutable=["cache"])
+    out, state = step({"params": params, "cache": cache}, step_tokens)
     cache = state["cache"]
     np.testing.assert_allclose(out.logits[:, 0],
                                full[np.arange(2), prompt + t], atol=2e-5)
@@ -204,9 +207,9 @@ def test_padding_does_not_change_real_positions():
   model = build_model(config)
   batch = random_batch(config, batch=1)
   params = init(model, batch)
-  out = model.apply(params, **batch, enable_dropout=False).logits
+  out = forward(model, params, batch).logits
   padded = {k: np.pad(v, [(0, 0), (0, 3)]) for k, v in batch.items()}
-  out_padded = model.apply(params, **padded, enable_dropout=False).logits
+  out_padded = forward(model, params, padded).logits
   np.testing.assert_allclose(out_padded[:, :5], out, atol=2e-5)
 
 
@@ -221,9 +224,9 @@ def test_mixtral_style_variant_runs_forward_and_backward():
   model = build_model(config)
   batch = random_batch(config)
   params = init(model, batch)
-  grads = jax.grad(lambda p: jnp.mean(model.apply(
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply(
       p, **batch, enable_dropout=True,
-      rngs={"dropout": jax.random.PRNGKey(1)}).logits ** 2))(params)
+      rngs={"dropout": jax.random.PRNGKey(1)}).logits ** 2)))(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert "logits_dense" not in nn.unbox(params)["params"]["embedder"]
 
