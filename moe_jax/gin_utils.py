@@ -1,0 +1,49 @@
+"""Parsing gin files and `--gin.KEY=VALUE` flags the way every CLI here does.
+
+Files are given by path (e.g. gin/models/switch_base_8.gin); `include`
+statements inside them name paths from the repository root
+(`include 'gin/models/arch/t5_1_1.gin'`) and resolve from any working
+directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import gin
+
+GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
+_FLAG_PREFIX = "--gin."
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--gin.KEY=VALUE` flags (as gin bindings) from the rest."""
+  bindings, rest = [], []
+  for arg in argv:
+    if arg.startswith(_FLAG_PREFIX):
+      binding = arg[len(_FLAG_PREFIX):]
+      if "=" not in binding:
+        raise ValueError(f"gin flag must look like --gin.KEY=VALUE; got {arg!r}")
+      bindings.append(binding)
+    else:
+      rest.append(arg)
+  return bindings, rest
+
+
+def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+  """Clears gin, then parses `files` in order and `bindings` last.
+
+  Raises:
+    ValueError: no file given, a file missing, or gin's own error (unknown
+      configurable or parameter, bad value), with the file or binding named.
+  """
+  if not files:
+    raise ValueError("give at least one --gin_file (e.g. "
+                     "--gin_file=gin/models/t5_1_1_tiny_moe.gin)")
+  for name in files:
+    if not Path(name).is_file() and not (GIN_ROOT.parent / name).is_file():
+      raise ValueError(f"gin file not found: {name}")
+  gin.clear_config()
+  gin.add_config_file_search_path(str(GIN_ROOT.parent))
+  gin.parse_config_files_and_bindings(list(files), list(bindings))

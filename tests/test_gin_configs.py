@@ -1,0 +1,104 @@
+"""Every gin model config builds; tiny ones train; routing files layer on."""
+
+import functools
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import gin_utils
+from moe_jax.models import build_model, configured_model_config, dummy_batch
+
+GIN = Path(__file__).resolve().parent.parent / "gin"
+MODEL_FILES = sorted(p.relative_to(GIN.parent).as_posix()
+                     for p in (GIN / "models").glob("*.gin"))
+TINY_FILES = [f for f in MODEL_FILES if "tiny" in f]
+ROUTING_FILES = sorted(p.relative_to(GIN.parent).as_posix()
+                       for p in (GIN / "routing").glob("*.gin"))
+
+
+def _config(*files, bindings=()):
+  gin_utils.parse(files, bindings)
+  return configured_model_config()
+
+
+def test_there_are_configs():
+  assert len(MODEL_FILES) >= 20 and len(TINY_FILES) >= 4
+  assert len(ROUTING_FILES) >= 6
+
+
+@pytest.mark.parametrize("path", MODEL_FILES)
+def test_every_model_config_builds_abstractly(path):
+  config = _config(path)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), **dummy_batch(config, 1, 8, 8),
+      enable_dropout=False))
+  assert jax.tree.leaves(shapes["params"])
+
+
+def _forward_backward(config):
+  model = build_model(config)
+  batch = dummy_batch(config, 2, 8, 6)
+
+  @jax.jit
+  def run():
+    params = model.init(jax.random.PRNGKey(0), **batch, enable_dropout=False)
+
+    def loss(p):
+      out = model.apply(p, **batch, enable_dropout=True,
+                        rngs={"dropout": jax.random.PRNGKey(1)})
+      aux = 0.0 if out.moe_stats is None else jnp.sum(
+          out.moe_stats.auxiliary_loss)
+      return jnp.mean(jax.nn.log_softmax(out.logits)[..., 2]) + aux
+    return jax.value_and_grad(loss)(params)
+
+  value, grads = run()
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("path", TINY_FILES)
+def test_tiny_configs_run_forward_and_backward(path):
+  _forward_backward(_config(path))
+
+
+@pytest.mark.parametrize("routing", ROUTING_FILES)
+def test_routing_files_layer_on_a_model(routing):
+  config = _config("gin/models/t5_1_1_tiny_moe.gin", routing)
+  _forward_backward(config)
+
+
+def test_routing_file_changes_the_router():
+  config = _config("gin/models/t5_1_1_tiny_moe.gin",
+                   "gin/routing/expert_choice.gin")
+  assert type(config.encoder_moe.router).__name__ == "ExpertChoiceRouter"
+  assert type(config.decoder_moe.router).__name__ == "TokenChoiceRouter"
+  config = _config("gin/models/t5_1_1_tiny_moe.gin",
+                   "gin/routing/gshard_top2.gin",
+                   bindings=["NUM_EXPERTS = 4"])
+  assert config.encoder_moe.num_experts == 4
+  assert config.decoder_moe.router.second_expert_policy == "random"
+
+
+def test_unknown_knob_fails_at_parse():
+  with pytest.raises(ValueError, match="no_such_knob"):
+    _config("gin/models/t5_1_1_tiny.gin",
+            bindings=["config.TransformerConfig.no_such_knob = 1"])
+
+
+def test_bad_values_name_the_knob():
+  with pytest.raises(ValueError, match="sparse_every=3"):
+    _config("gin/models/t5_1_1_tiny_moe.gin", bindings=["SPARSE_EVERY = 3"])
+  with pytest.raises(ValueError, match="decoder_moe.router"):
+    _config("gin/models/t5_1_1_tiny_moe.gin", bindings=[
+        "decoder/config.MoeConfig.router = @decoder/routing.ExpertChoiceRouter()"])
+  with pytest.raises(ValueError, match="gin file not found"):
+    _config("gin/models/nope.gin")
+
+
+def teardown_module():
+  gin.clear_config()
