@@ -1,0 +1,1 @@
+"""Training: objective, optimizers and schedules, the jitted train step."""
