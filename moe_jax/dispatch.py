@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import ExpertChoice, RoutingDecision, TokenChoice
+from moe_jax.routing import RoutingDecision, TokenChoice
 
 Array = jax.Array
 ExpertFn = Callable[[Array], Array]

@@ -27,7 +27,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax import metric_names
+from moe_jax import knobs, metric_names
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
                               expert_capacity, group_shape, group_tokens,
                               scatter_dispatch)
@@ -113,17 +113,8 @@ class MoeLayer(nn.Module):
     if self.expert_hidden_dim < 1:
       raise ValueError("expert_hidden_dim must be >= 1; got "
                        f"expert_hidden_dim={self.expert_hidden_dim}")
-    try:
-      dispatch = Dispatch(self.dispatch)
-    except ValueError:
-      raise ValueError(f"dispatch must be one of {[d.value for d in Dispatch]};"
-                       f" got dispatch={self.dispatch!r}") from None
-    try:
-      Activation(self.activation)
-    except ValueError:
-      raise ValueError(
-          f"activation must be one of {[a.value for a in Activation]}; got "
-          f"activation={self.activation!r}") from None
+    dispatch = knobs.choice(Dispatch, "dispatch", self.dispatch)
+    knobs.choice(Activation, "activation", self.activation)
     if not isinstance(self.router, Router):
       raise ValueError(f"router must be a moe_jax.routing.Router; got "
                        f"router={self.router!r}")

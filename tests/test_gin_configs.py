@@ -1,6 +1,5 @@
 """Every gin model config builds; tiny ones train; routing files layer on."""
 
-import functools
 from pathlib import Path
 
 import gin

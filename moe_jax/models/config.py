@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from moe_jax import knobs
 from moe_jax.dispatch import Dispatch
 from moe_jax.experts import Activation
 from moe_jax.routing import Router
@@ -36,14 +37,6 @@ class RematPolicy(str, enum.Enum):
   FULL = "full"                    # keep only block inputs
   DOTS = "dots"                    # keep matmul outputs (no batch dims)
   DOTS_WITH_BATCH = "dots_with_batch"
-
-
-def _choice(enum_type, knob: str, value):
-  try:
-    return enum_type(value)
-  except ValueError:
-    raise ValueError(f"{knob} must be one of {[m.value for m in enum_type]}; "
-                     f"got {knob}={value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +120,10 @@ class TransformerConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    arch = _choice(Architecture, "architecture", self.architecture)
-    _choice(Activation, "activation", self.activation)
-    _choice(PositionEmbedding, "position_embedding", self.position_embedding)
-    _choice(RematPolicy, "remat_policy", self.remat_policy)
+    arch = knobs.choice(Architecture, "architecture", self.architecture)
+    knobs.choice(Activation, "activation", self.activation)
+    knobs.choice(PositionEmbedding, "position_embedding", self.position_embedding)
+    knobs.choice(RematPolicy, "remat_policy", self.remat_policy)
     for knob in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                  "num_decoder_layers"):
       if getattr(self, knob) < 1:

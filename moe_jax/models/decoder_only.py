@@ -12,7 +12,6 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from moe_jax.models import masks
 from moe_jax.models.blocks import Stack
@@ -47,19 +46,14 @@ class DecoderOnly(nn.Module):
     then continues at `prefill_lengths` <int32>[B] (the prompt lengths).
     """
     tokens = decoder_input_tokens
-    if decoder_segment_ids is not None:
-      real = decoder_segment_ids > 0
-    elif decoder_target_tokens is not None and not decode:
-      real = decoder_target_tokens > 0
-    else:
-      real = jnp.ones(tokens.shape, bool)
+    real = masks.decoder_real_tokens(tokens, decoder_segment_ids,
+                                     decoder_target_tokens, decode)
     if prefill and prefill_lengths is None:
       raise ValueError("prefill=True needs prefill_lengths")
     self_mask = masks.causal_mask(
         tokens.shape[1], decoder_causal_attention) & masks.attention_mask(
             real, real, decoder_segment_ids, decoder_segment_ids)
-    positions = (decoder_positions if decoder_positions is not None else
-                 jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+    positions = masks.positions_or_default(tokens, decoder_positions)
     x = self.embed_dropout(self.embedder.embed(tokens),
                            deterministic=not enable_dropout)
     x, stats = self.decoder(

@@ -1,4 +1,5 @@
-"""Attention masks from tokens, segments and prefixes. All <bool>.
+"""Attention masks from tokens, segments and prefixes (all <bool>), and
+default positions.
 
 Dimension names: B batch, Q query length, K key length.
 """
@@ -16,6 +17,21 @@ Array = jax.Array
 def real_tokens(tokens: Array, segment_ids: Optional[Array] = None) -> Array:
   """<bool>[B, L]: segment id > 0 when packed, else token id > 0."""
   return (segment_ids if segment_ids is not None else tokens) > 0
+
+
+def decoder_real_tokens(tokens: Array, segment_ids: Optional[Array],
+                        targets: Optional[Array], decode: bool) -> Array:
+  """<bool>[B, L] real decoder positions.
+
+  Decoder inputs start with token 0 (the start token), so they cannot mark
+  padding: packed batches use segment ids, training batches their targets,
+  and decode steps are always real.
+  """
+  if segment_ids is not None:
+    return segment_ids > 0
+  if targets is not None and not decode:
+    return targets > 0
+  return jnp.ones(tokens.shape, bool)
 
 
 def attention_mask(q_real: Array, k_real: Array,
@@ -40,3 +56,10 @@ def causal_mask(length: int, prefix: Optional[Array] = None) -> Array:
     in_prefix = prefix > 0
     mask = mask | (in_prefix[:, :, None] & in_prefix[:, None, :])
   return mask
+
+
+def positions_or_default(tokens: Array, positions: Optional[Array]) -> Array:
+  """<int32>[B, L] given positions, or 0..L-1 for every row."""
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

@@ -9,7 +9,6 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from moe_jax.layers import MoeStats
 from moe_jax.models import masks
@@ -19,12 +18,6 @@ from moe_jax.models.embedding import EmbeddingAndLogits
 from moe_jax.models.outputs import ModelOutput, concat_stats
 
 Array = jax.Array
-
-
-def _positions(tokens: Array, positions: Optional[Array]) -> Array:
-  if positions is not None:
-    return positions
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
 
 class EncoderDecoder(nn.Module):
@@ -47,7 +40,7 @@ class EncoderDecoder(nn.Module):
     x = self.embed_dropout(self.embedder.embed(encoder_input_tokens),
                            deterministic=not enable_dropout)
     return self.encoder(
-        x, positions=_positions(encoder_input_tokens, encoder_positions),
+        x, positions=masks.positions_or_default(encoder_input_tokens, encoder_positions),
         attention_mask=masks.attention_mask(real, real, encoder_segment_ids,
                                             encoder_segment_ids),
         token_ids=encoder_input_tokens, moe_mask=real,
@@ -71,19 +64,15 @@ class EncoderDecoder(nn.Module):
     """
     del max_decode_length
     tokens = decoder_input_tokens
-    if decoder_segment_ids is not None:
-      real = decoder_segment_ids > 0
-    elif decoder_target_tokens is not None and not decode:
-      real = decoder_target_tokens > 0
-    else:
-      real = jnp.ones(tokens.shape, bool)
+    real = masks.decoder_real_tokens(tokens, decoder_segment_ids,
+                                     decoder_target_tokens, decode)
     encoder_real = masks.real_tokens(encoder_input_tokens, encoder_segment_ids)
     self_mask = masks.causal_mask(tokens.shape[1]) & masks.attention_mask(
         real, real, decoder_segment_ids, decoder_segment_ids)
     x = self.embed_dropout(self.embedder.embed(tokens),
                            deterministic=not enable_dropout)
     x, stats = self.decoder(
-        x, positions=_positions(tokens, decoder_positions),
+        x, positions=masks.positions_or_default(tokens, decoder_positions),
         attention_mask=self_mask, token_ids=tokens, moe_mask=real,
         encoded=encoded,
         cross_mask=masks.attention_mask(real, encoder_real,

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax import knobs
+
 
 class Schedule(str, enum.Enum):
   """RSQRT: linear warmup to learning_rate, then learning_rate *
@@ -59,13 +61,8 @@ class OptimizerConfig:
     if self.name not in ("adafactor", "adamw"):
       raise ValueError(f"name must be adafactor or adamw; got name="
                        f"{self.name!r}")
-    for knob, enum_type in (("schedule", Schedule), ("freeze", Freeze)):
-      try:
-        enum_type(getattr(self, knob))
-      except ValueError:
-        raise ValueError(
-            f"{knob} must be one of {[m.value for m in enum_type]}; got "
-            f"{knob}={getattr(self, knob)!r}") from None
+    knobs.choice(Schedule, "schedule", self.schedule)
+    knobs.choice(Freeze, "freeze", self.freeze)
     for knob in ("learning_rate", "total_steps"):
       if getattr(self, knob) <= 0:
         raise ValueError(f"{knob} must be > 0; got {knob}="
