@@ -1,0 +1,116 @@
+"""The training loop: resume, checkpoint, stop cleanly on preemption.
+
+Exact resume: batches come from `batch_fn(step)` (a pure function of the
+step), the dropout RNG of a step is derived from the seed and the step, and
+the optimizer state is checkpointed, so a run interrupted and resumed
+computes bit for bit what an uninterrupted run computes.
+
+SIGTERM / SIGINT (TPU preemption, Ctrl-C) finish the step in flight, save a
+checkpoint of it, and return. A non-finite loss stops the run before its
+state is saved, so the last checkpoint stays the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import optax
+
+from moe_jax.train.checkpoints import Checkpointer
+from moe_jax.train.objective import LossConfig
+from moe_jax.train.step import TrainState, init_state, make_train_step
+
+Batch = Mapping[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stopped without saving."""
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  history: list[dict]    # per step run here: {"step", metric: float, ...}
+  resumed_from: Optional[int]
+  preempted: bool
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+  """An event set by SIGTERM or SIGINT while the block runs."""
+  requested = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  handler = lambda signum, frame: requested.set()
+  previous = {s: signal.signal(s, handler)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, old in previous.items():
+      signal.signal(s, old)
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items() if jax.numpy.ndim(v) == 0}
+
+
+def train(model: nn.Module, optimizer: optax.GradientTransformation,
+          loss_config: LossConfig, batch_fn: Callable[[int], Batch],
+          num_steps: int, checkpointer: Checkpointer, seed: int = 0,
+          on_step: Optional[Callable[[int, dict], None]] = None
+          ) -> LoopResult:
+  """Trains until `num_steps` updates are done, resuming from the latest
+  checkpoint in `checkpointer` if there is one.
+
+  Args:
+    batch_fn: step -> batch (numpy arrays with the model's feature names).
+    on_step: called after every step with (step, scalar metrics).
+
+  Raises:
+    NonFiniteLossError: with the step and the last good checkpoint.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1; got num_steps={num_steps}")
+  key = jax.random.PRNGKey(seed)
+  state = init_state(model, optimizer, batch_fn(0), key)
+  resumed_from = checkpointer.latest_step()
+  if resumed_from is not None:
+    state = checkpointer.restore(resumed_from, state)
+  step_fn = make_train_step(model, optimizer, loss_config,
+                            jax.random.fold_in(key, 1))
+  history = []
+  preempted = False
+  last_saved = resumed_from
+  with _stop_requests() as stop:
+    while int(state.step) < num_steps:
+      step = int(state.step)
+      new_state, metrics = step_fn(state, batch_fn(step))
+      scalars = _scalars(metrics)
+      if not math.isfinite(scalars["loss"]):
+        checkpointer.wait()
+        raise NonFiniteLossError(
+            f"non-finite loss {scalars['loss']} at step {step + 1}; stopped "
+            "without saving it. The last good checkpoint is step "
+            f"{checkpointer.latest_step()} in {checkpointer.model_dir}")
+      state = new_state
+      history.append({"step": step + 1, **scalars})
+      if on_step is not None:
+        on_step(step + 1, scalars)
+      if stop.is_set():
+        preempted = True
+        break
+      if checkpointer.save(step + 1, state):
+        last_saved = step + 1
+  if last_saved != int(state.step):
+    checkpointer.save(int(state.step), state, force=True)
+  checkpointer.wait()
+  return LoopResult(state, history, resumed_from, preempted)
