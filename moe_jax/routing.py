@@ -209,9 +209,9 @@ class Router(nn.Module):
     return x * noise
 
 
-def _positions_in_experts(expert_index: Array, wanted: Array,
-                          priority_order: Optional[Array],
-                          num_experts: int) -> Array:
+def positions_in_experts(expert_index: Array, wanted: Array,
+                         priority_order: Optional[Array],
+                         num_experts: int) -> Array:
   """Slot of each choice in its expert's buffer, in priority order.
 
   Every token's first choice is placed before any token's second choice
@@ -316,8 +316,8 @@ class TokenChoiceRouter(Router):
       priority = None
       if self.batch_prioritized_routing:
         priority = jnp.argsort(-top_probs[..., 0], axis=-1)
-      position = _positions_in_experts(expert_index, wanted, priority,
-                                       num_experts)
+      position = positions_in_experts(expert_index, wanted, priority,
+                                      num_experts)
       dispatched = wanted & (position < capacity)
       position = jnp.where(dispatched, position, capacity).astype(jnp.int32)
     decision = TokenChoice(
