@@ -1,0 +1,37 @@
+"""`import tasks` registers the named tasks/mixtures; they yield packed batches."""
+
+import pytest
+import seqio
+
+import tasks  # pylint: disable=unused-import  # registers everything
+from tasks import mini_flan_generators as gen
+
+
+def test_held_out_mixtures_partition_clusters():
+  for cluster in gen.CLUSTERS:
+    train = {t.name for t in seqio.get_mixture_or_task(
+        f"mini_flan_train_without_{cluster}").tasks}
+    evals = {t.name for t in seqio.get_mixture_or_task(
+        f"mini_flan_eval_{cluster}").tasks}
+    assert evals and train and not train & evals
+    for task in gen.TASKS:
+      in_train = any(n.startswith(f"mini_flan_{task.name}_") for n in train)
+      assert in_train == (task.cluster != cluster)
+
+
+def test_duplicate_registration_refused():
+  with pytest.raises(ValueError):
+    tasks.register_all()
+
+
+@pytest.mark.parametrize("name", ["mini_flan", "mini_flan_span_corruption",
+                                  "mini_flan_prefix_lm"])
+def test_packed_batches(name):
+  ds = seqio.get_dataset(
+      name, task_feature_lengths={"inputs": 64, "targets": 16},
+      dataset_split="validation", shuffle=False,
+      feature_converter=seqio.EncDecFeatureConverter(pack=True))
+  batch = next(iter(ds.batch(2).as_numpy_iterator()))
+  assert batch["encoder_input_tokens"].shape == (2, 64)
+  assert batch["decoder_target_tokens"].shape == (2, 16)
+  assert batch["encoder_segment_ids"].max() >= 1
