@@ -35,7 +35,8 @@ def test_rules_cover_every_mesh_axis_once_per_name():
 
 def test_sharded_layer_matches_one_device_on_8_fake_devices():
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             XLA_FLAGS=("--xla_force_host_platform_device_count=8 "
+                        "--xla_backend_optimization_level=0"),
              PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   proc = subprocess.run(
       [sys.executable, "-m", "tests.multidevice.check_sharded_layer"],
