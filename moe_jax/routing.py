@@ -248,6 +248,39 @@ def positions_in_experts(expert_index: Array, wanted: Array,
   return position
 
 
+def token_choice_with_capacity(expert_index: Array, gates: Array,
+                               wanted: Array, capacity: Optional[int],
+                               num_experts: int,
+                               priority_order: Optional[Array] = None
+                               ) -> TokenChoice:
+  """Applies expert capacity to K choices per token (any token-choice router).
+
+  Args:
+    expert_index: <int32>[G, S, K] chosen experts.
+    gates: <float32>[G, S, K] combine weight of each choice.
+    wanted: <bool>[G, S, K] choices that compete for slots (real tokens).
+    capacity: C, or None on the dropless path (nothing dropped).
+    num_experts: E.
+    priority_order: <int32>[G, S] tokens in placement order, or None for
+      group order.
+
+  Returns:
+    A `TokenChoice` whose choices past capacity are dropped.
+  """
+  if capacity is None:
+    position, dispatched = None, wanted
+  else:
+    position = positions_in_experts(expert_index, wanted, priority_order,
+                                    num_experts)
+    dispatched = wanted & (position < capacity)
+    position = jnp.where(dispatched, position, capacity).astype(jnp.int32)
+  return TokenChoice(
+      expert_index=expert_index.astype(jnp.int32),
+      gates=jnp.where(dispatched, gates, 0.0),
+      dispatched=dispatched,
+      position=position)
+
+
 class TokenChoiceRouter(Router):
   """Top-K token choice: Switch (K=1), GShard (K=2), Mixtral (renormalized).
 
@@ -309,22 +342,10 @@ class TokenChoiceRouter(Router):
     aux_loss = losses.load_balancing_loss(probs, expert_mask, token_mask)
     z_loss = losses.router_z_loss(logits, token_mask)
 
-    if capacity is None:
-      position = None
-      dispatched = wanted
-    else:
-      priority = None
-      if self.batch_prioritized_routing:
-        priority = jnp.argsort(-top_probs[..., 0], axis=-1)
-      position = positions_in_experts(expert_index, wanted, priority,
-                                      num_experts)
-      dispatched = wanted & (position < capacity)
-      position = jnp.where(dispatched, position, capacity).astype(jnp.int32)
-    decision = TokenChoice(
-        expert_index=expert_index.astype(jnp.int32),
-        gates=jnp.where(dispatched, gates, 0.0),
-        dispatched=dispatched,
-        position=position)
+    priority = (jnp.argsort(-top_probs[..., 0], axis=-1) if
+                self.batch_prioritized_routing else None)
+    decision = token_choice_with_capacity(expert_index, gates, wanted,
+                                          capacity, num_experts, priority)
     return RouterOutput(decision, probs, aux_loss, z_loss)
 
 

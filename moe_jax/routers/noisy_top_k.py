@@ -32,7 +32,6 @@ from jax.scipy.stats import norm
 
 from moe_jax import losses
 from moe_jax import routing
-from moe_jax.routers import common
 
 Array = jax.Array
 
@@ -120,6 +119,6 @@ class NoisyTopKRouter(routing.Router):
     priority = None
     if self.batch_prioritized_routing:
       priority = jnp.argsort(-gates[..., 0], axis=-1)
-    decision = common.token_choice_with_capacity(
+    decision = routing.token_choice_with_capacity(
         expert_index, gates, wanted, capacity, num_experts, priority)
     return routing.RouterOutput(decision, dense_gates, aux_loss, z_loss)
