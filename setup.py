@@ -23,6 +23,7 @@ setuptools.setup(
         "tensorflow-text>=2.21",
         "tensorflow-datasets>=4.9",
         "sentencepiece>=0.2",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "test": [

@@ -1,6 +1,14 @@
 """Command line entry point: `python -m moe_jax.main COMMAND`.
 
+  python -m moe_jax.main train --gin_file=gin/runs/mini_flan_cpu.gin \
+      [--gin_file=...] [--gin.KEY=VALUE ...] [--distributed=none|auto|env]
+
 Commands:
+  train  train (resuming from MODEL_DIR), evaluate, print a summary.
+  eval   evaluate the latest checkpoint of MODEL_DIR on EVAL_MIXTURE.
+  infer  greedy predictions of the latest checkpoint, as JSONL, for a task
+         split (--task), a .jsonl file (field "inputs") or a text file
+         (--input_file); written to --output.
   demo   route a random batch through an MoE layer on every dispatch path and
          print the routing statistics (runs on CPU in seconds).
 """
@@ -13,6 +21,7 @@ import sys
 import jax
 import numpy as np
 
+from moe_jax import distributed, gin_utils
 from moe_jax.dispatch import Dispatch
 from moe_jax.layers import MoeLayer
 from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
@@ -58,9 +67,88 @@ def demo(args: argparse.Namespace) -> None:
             f"{float(stats.expert_usage):6.3f}  {load}")
 
 
+def _configured(args: argparse.Namespace, bindings: list[str]):
+  """Starts the process group, parses gin, registers the tasks."""
+  distributed.initialize(args.distributed)
+  gin_utils.parse(args.gin_file, bindings)
+  import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+  from moe_jax.train import run
+  return run.configured_run()
+
+
+def train(args: argparse.Namespace, bindings: list[str]) -> None:
+  """Trains the configured run and prints a summary."""
+  from moe_jax.train import run as run_lib
+  from moe_jax.train import summary
+  configured = _configured(args, bindings)
+  result = run_lib.train(configured)
+  if jax.process_index() == 0:
+    print(summary.format_summary(configured, result))
+
+
+def _latest_params(configured):
+  from moe_jax.train import run as run_lib
+  return run_lib.restore_params(configured.train.model_dir)
+
+
+def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
+  """Evaluates the latest checkpoint of MODEL_DIR on EVAL_CONFIG."""
+  from moe_jax.train.evaluation import Evaluator
+  configured = _configured(args, bindings)
+  if configured.eval is None:
+    raise ValueError("EVAL_CONFIG is not set: bind it (gin/runs/train.gin) "
+                     "and EVAL_MIXTURE")
+  params = _latest_params(configured)
+  from moe_jax.train.run import latest_step
+  step = latest_step(configured.train.model_dir)
+  evaluator = Evaluator(configured.eval, configured.model,
+                        configured.data.objective, configured.train.model_dir)
+  for task, values in evaluator.evaluate(params, step).items():
+    print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+
+
+def infer(args: argparse.Namespace, bindings: list[str]) -> None:
+  """Writes greedy predictions of the latest checkpoint as JSONL."""
+  import seqio
+  from moe_jax import infer as infer_lib
+  from moe_jax.train.evaluation import ModelFns
+  if (args.task is None) == (args.input_file is None):
+    raise ValueError("give exactly one of --task and --input_file")
+  configured = _configured(args, bindings)
+  lengths = configured.data.task_feature_lengths
+  if args.task is not None:
+    records = infer_lib.task_inputs(args.task, args.split, args.num_examples)
+    source = args.task
+  else:
+    records = infer_lib.read_inputs(args.input_file)
+    source = configured.data.mixture_or_task_name
+  vocabulary = seqio.get_mixture_or_task(source).output_features[
+      "targets"].vocabulary
+  fns = ModelFns(configured.model, configured.data.objective,
+                 lengths["targets"], eos_id=vocabulary.eos_id)
+  predictions = infer_lib.predict(fns, _latest_params(configured), vocabulary,
+                                  records, lengths["inputs"], args.batch_size)
+  infer_lib.write_jsonl(predictions, args.output)
+  print(f"wrote {len(predictions)} predictions to {args.output}")
+
+
 def main(argv: list[str] | None = None) -> None:
+  bindings, rest = gin_utils.split_gin_flags(
+      sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="python -m moe_jax.main")
   commands = parser.add_subparsers(dest="command", required=True)
+  for name, fn in (("train", train), ("eval", evaluate), ("infer", infer)):
+    sub = commands.add_parser(name, help=fn.__doc__)
+    sub.add_argument("--gin_file", action="append", default=[])
+    sub.add_argument("--distributed", default="none",
+                     help="none | auto | env (see moe_jax/distributed.py)")
+    if name == "infer":
+      sub.add_argument("--task", default=None)
+      sub.add_argument("--split", default="validation")
+      sub.add_argument("--num_examples", type=int, default=None)
+      sub.add_argument("--input_file", default=None)
+      sub.add_argument("--output", required=True)
+      sub.add_argument("--batch_size", type=int, default=32)
   demo_parser = commands.add_parser("demo", help=demo.__doc__)
   demo_parser.add_argument("--batch", type=int, default=4)
   demo_parser.add_argument("--length", type=int, default=64)
@@ -68,9 +156,13 @@ def main(argv: list[str] | None = None) -> None:
   demo_parser.add_argument("--experts", type=int, default=8)
   demo_parser.add_argument("--capacity_factor", type=float, default=1.0)
   demo_parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  {"demo": demo}[args.command](args)
+  args = parser.parse_args(rest)
+  if args.command == "demo":
+    demo(args)
+  else:
+    {"train": train, "eval": evaluate, "infer": infer}[args.command](
+        args, bindings)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

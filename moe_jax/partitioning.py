@@ -114,3 +114,29 @@ def axis_rules(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
 def replicated(mesh: Mesh) -> NamedSharding:
   """A sharding that places a full copy on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def optimizer_state_shardings(abstract_state: Any, abstract_params: Any,
+                              param_shardings: Any, mesh: Mesh) -> Any:
+  """`NamedSharding`s for an optax state built from unboxed params.
+
+  A state leaf whose path ends with a parameter's path and that has the
+  parameter's shape (Adam moments, unfactored Adafactor moments) takes the
+  parameter's sharding; every other leaf (counts, factored row / column
+  statistics, which are small) is replicated.
+  """
+  by_path = {}
+  for (path, param), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params),
+      jax.tree.leaves(param_shardings)):
+    by_path[tuple(str(k) for k in path)] = (param.shape, sharding)
+
+  def leaf_sharding(path, leaf):
+    keys = tuple(str(k) for k in path)
+    for start in range(len(keys)):
+      match = by_path.get(keys[start:])
+      if match is not None and match[0] == leaf.shape:
+        return match[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)

@@ -11,7 +11,7 @@ Registered names (see tasks/README.md):
 
 import functools
 import zlib
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -35,10 +35,11 @@ def output_features(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY
   }
 
 
-def _text_dataset(split: str, shuffle_files: bool, *,
-                  task: gen.GenTask, num_shots: int, with_options: bool,
+def _text_dataset(split: str, shuffle_files: bool, seed: Optional[int] = None,
+                  *, task: gen.GenTask, num_shots: int, with_options: bool,
                   data_seed: int, sizes: Mapping[str, int]) -> tf.data.Dataset:
-  del shuffle_files  # Generation order is fixed by `data_seed`.
+  # Generation order is fixed by `data_seed`; seqio shuffles with `seed`.
+  del shuffle_files, seed
   examples = list(gen.generate_examples(task, split, data_seed, sizes[split],
                                         num_shots, with_options))
   return tf.data.Dataset.from_tensor_slices({
@@ -99,9 +100,10 @@ def register(seed: int = DEFAULT_SEED,
   _register_pretraining(seed, features)
 
 
-def _corpus_dataset(split: str, shuffle_files: bool, *,
+def _corpus_dataset(split: str, shuffle_files: bool,
+                    seed: Optional[int] = None, *,
                     data_seed: int) -> tf.data.Dataset:
-  del shuffle_files
+  del shuffle_files, seed
   docs = list(gen.pretraining_corpus(data_seed, split,
                                      PRETRAIN_SPLIT_SIZES[split]))
   return tf.data.Dataset.from_tensor_slices({"text": docs})

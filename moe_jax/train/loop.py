@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 
 from moe_jax.train.checkpoints import Checkpointer
@@ -60,13 +61,29 @@ def _stop_requests() -> Iterator[threading.Event]:
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in metrics.items() if jax.numpy.ndim(v) == 0}
+  """Metrics as floats; a per-layer vector `name/per_layer` becomes
+  `name/layer_<i>`. Reads this process's copy of replicated values, so it
+  works in multi-process jobs too."""
+  out = {}
+  for name, value in metrics.items():
+    if isinstance(value, jax.Array):
+      value = value.addressable_data(0)
+    value = np.asarray(value)
+    if value.ndim == 0:
+      out[name] = float(value)
+    else:
+      base = name.removesuffix("/per_layer")
+      out.update({f"{base}/layer_{i}": float(v) for i, v in enumerate(value)})
+  return out
 
 
 def train(model: nn.Module, optimizer: optax.GradientTransformation,
           loss_config: LossConfig, batch_fn: Callable[[int], Batch],
           num_steps: int, checkpointer: Checkpointer, seed: int = 0,
-          on_step: Optional[Callable[[int, dict], None]] = None
+          on_step: Optional[Callable[[int, dict], None]] = None,
+          initial_state: Optional[Callable[[jax.Array], TrainState]] = None,
+          state_shardings: Any = None,
+          after_step: Optional[Callable[[int, TrainState], None]] = None
           ) -> LoopResult:
   """Trains until `num_steps` updates are done, resuming from the latest
   checkpoint in `checkpointer` if there is one.
@@ -74,6 +91,12 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   Args:
     batch_fn: step -> batch (numpy arrays with the model's feature names).
     on_step: called after every step with (step, scalar metrics).
+    initial_state: PRNG key -> fresh state (e.g. placed on a mesh, or
+      initialized from another checkpoint); default: `init_state` on the
+      batch of step 0, on the default device.
+    state_shardings: shardings of the state, kept by the jitted step.
+    after_step: called with (step, state) after each step's metrics are
+      logged, e.g. to evaluate every N steps.
 
   Raises:
     NonFiniteLossError: with the step and the last good checkpoint.
@@ -81,12 +104,15 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got num_steps={num_steps}")
   key = jax.random.PRNGKey(seed)
-  state = init_state(model, optimizer, batch_fn(0), key)
+  if initial_state is None:
+    state = init_state(model, optimizer, batch_fn(0), key)
+  else:
+    state = initial_state(key)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore(resumed_from, state)
   step_fn = make_train_step(model, optimizer, loss_config,
-                            jax.random.fold_in(key, 1))
+                            jax.random.fold_in(key, 1), state_shardings)
   history = []
   preempted = False
   last_saved = resumed_from
@@ -105,6 +131,8 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
       history.append({"step": step + 1, **scalars})
       if on_step is not None:
         on_step(step + 1, scalars)
+      if after_step is not None:
+        after_step(step + 1, state)
       if stop.is_set():
         preempted = True
         break

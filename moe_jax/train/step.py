@@ -49,10 +49,11 @@ def loss_fn(model: nn.Module, loss_config: LossConfig, params, batch,
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    loss_config: LossConfig, seed_key: Array
-                    ) -> Callable[[TrainState, Mapping[str, Array]],
+                    loss_config: LossConfig, seed_key: Array,
+                    state_shardings: Any = None) -> Callable[[TrainState, Mapping[str, Array]],
                                   tuple[TrainState, dict[str, Array]]]:
-  """A jitted (state, batch) -> (state, metrics) step."""
+  """A jitted (state, batch) -> (state, metrics) step; with
+  `state_shardings` the new state keeps the layout of the old one."""
 
   def step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(seed_key, state.step)
@@ -65,4 +66,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     metrics["grad_norm"] = optax.global_norm(grads)
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=(0,))
+  mesh = jax.tree.leaves(state_shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=(0,),
+                 out_shardings=(state_shardings, replicated))

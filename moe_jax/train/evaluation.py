@@ -1,0 +1,196 @@
+"""Evaluation with SeqIO: a decoding predict function and a rank-
+classification score function over any moe_jax model.
+
+Dimension names: B eval batch, Li input length, Lt target length, V vocab.
+
+* `predict_fn`: cached greedy decoding of encoder-decoder models, returning
+  token ids (decoder-only models: score-based metrics only, for now).
+* `score_fn`: the log-likelihood of each example's targets (sum over
+  target tokens), which SeqIO's score metrics (rank classification) use.
+
+`Evaluator.evaluate(params, step)` runs every task of a mixture, writes the
+metrics to MODEL_DIR/eval/metrics_<step>.json and TensorBoard
+(MODEL_DIR/tensorboard/eval), and returns them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from moe_jax.models import Architecture, TransformerConfig, build_model
+from moe_jax.models import decoding
+from moe_jax.train.data import Objective, feature_converter
+from moe_jax.train.metrics_log import TENSORBOARD_DIR
+
+Array = jax.Array
+Batch = dict[str, np.ndarray]
+EVAL_DIR = "eval"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Attributes:
+    mixture_or_task_name: tasks to evaluate (None: no evaluation).
+    split: their split.
+    task_feature_lengths: {"inputs": Li, "targets": Lt}; targets is also
+      the maximum decode length.
+    batch_size: B.
+    num_examples: at most this many examples per task (None: all).
+  """
+  mixture_or_task_name: Optional[str] = None
+  split: str = "validation"
+  task_feature_lengths: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {"inputs": 256, "targets": 32})
+  batch_size: int = 32
+  num_examples: Optional[int] = None
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got batch_size="
+                       f"{self.batch_size}")
+
+
+def _batches(dataset: tf.data.Dataset, batch_size: int
+             ) -> Iterator[tuple[np.ndarray, Batch, int]]:
+  """(indices, features padded to B rows, number of real rows)."""
+  for indices, features in dataset.batch(batch_size).as_numpy_iterator():
+    real = len(indices)
+    if real < batch_size:
+      features = {k: np.pad(v, [(0, batch_size - real)] + [(0, 0)] *
+                            (v.ndim - 1)) for k, v in features.items()}
+    yield indices, features, real
+
+
+class ModelFns:
+  """Jitted predict and score functions of `config`'s model."""
+
+  def __init__(self, config: TransformerConfig, objective: Objective,
+               max_decode_length: int, eos_id: int = 1):
+    self.model = build_model(config)
+    self.decoder_only = (Architecture(config.architecture) ==
+                         Architecture.DECODER_ONLY)
+    if self.decoder_only == (Objective(objective) == Objective.ENC_DEC):
+      raise ValueError(f"objective={Objective(objective).value} does not fit "
+                       f"a {Architecture(config.architecture).value} model")
+    self.max_decode_length = max_decode_length
+    self.eos_id = eos_id
+    self.score_batch = jax.jit(self._score)
+    self.predict_batch = jax.jit(self._predict)
+
+  def _score(self, params, batch: Batch) -> Array:
+    """<float32>[B] log-likelihood of each row's targets."""
+    inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
+    logits = self.model.apply({"params": params}, **inputs,
+                              enable_dropout=False).logits
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    targets = batch["decoder_target_tokens"]
+    on_target = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    return jnp.sum(on_target * batch["decoder_loss_weights"], axis=-1)
+
+  def _predict(self, params, batch: Batch) -> Array:
+    """<int32>[B, Lt] greedy tokens for batch['encoder_input_tokens']."""
+    if self.decoder_only:
+      raise NotImplementedError(
+          "decoding-based metrics need an encoder-decoder model here; "
+          "evaluate decoder-only models with score-based metrics")
+    inputs = batch["encoder_input_tokens"]
+    size, length = inputs.shape[0], self.max_decode_length
+    dummy = jnp.zeros((size, length), jnp.int32)
+    cache = jax.eval_shape(
+        lambda: self.model.init(jax.random.PRNGKey(0), inputs, dummy, dummy,
+                                enable_dropout=False, decode=True))["cache"]
+    cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)
+    encoded, _ = self.model.apply({"params": params}, inputs,
+                                  enable_dropout=False, method="encode")
+
+    def tokens_to_logits(ids, cache):
+      (logits, _), state = self.model.apply(
+          {"params": params, "cache": cache}, encoded, inputs, ids,
+          enable_dropout=False, decode=True, method="decode",
+          mutable=["cache"])
+      return logits[:, 0], state["cache"]
+
+    return decoding.greedy(tokens_to_logits, cache, size, length,
+                           eos_id=self.eos_id)
+
+  def predict_fn(self, params, batch_size: int
+                 ) -> Callable[..., list[tuple[int, list[int]]]]:
+    def fn(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      out = []
+      for indices, batch, real in _batches(dataset, batch_size):
+        tokens = np.asarray(self.predict_batch(params, batch))[:real]
+        out += [(int(i), t.tolist()) for i, t in zip(indices, tokens)]
+      return out
+    return fn
+
+  def score_fn(self, params, batch_size: int
+               ) -> Callable[..., list[tuple[int, float]]]:
+    def fn(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      out = []
+      for indices, batch, real in _batches(dataset, batch_size):
+        scores = np.asarray(self.score_batch(params, batch))[:real]
+        out += [(int(i), float(s)) for i, s in zip(indices, scores)]
+      return out
+    return fn
+
+
+class Evaluator:
+  """Evaluates params on `config.mixture_or_task_name` with SeqIO."""
+
+  def __init__(self, config: EvalConfig, model_config: TransformerConfig,
+               objective: Objective, model_dir: Optional[str]):
+    if config.mixture_or_task_name is None:
+      raise ValueError("EvalConfig.mixture_or_task_name is not set: name the "
+                       "task or mixture to evaluate")
+    self.config = config
+    self.fns = ModelFns(model_config, objective,
+                        config.task_feature_lengths["targets"])
+    self._seqio = seqio.Evaluator(
+        config.mixture_or_task_name,
+        feature_converter(objective, pack=False),
+        eval_split=config.split,
+        sequence_length=dict(config.task_feature_lengths),
+        num_examples=config.num_examples, use_memory_cache=False,
+        async_compute_metrics=False)
+    self.model_dir = Path(model_dir) if model_dir else None
+
+  def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}}, also written to the model directory."""
+    size = self.config.batch_size
+    future, _ = self._seqio.evaluate(
+        compute_metrics=True, step=step,
+        predict_fn=self.fns.predict_fn(params, size),
+        score_fn=self.fns.score_fn(params, size))
+    metrics = {task: {name: float(getattr(value, "value", value))
+                      for name, value in task_metrics.items()}
+               for task, task_metrics in future.result().items()}
+    if self.model_dir is not None and jax.process_index() == 0:
+      self._write(metrics, step)
+    return metrics
+
+  def _write(self, metrics: Mapping[str, Mapping[str, float]],
+             step: int) -> None:
+    out = self.model_dir / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"metrics_{step}.json").write_text(
+        json.dumps({"step": step, "metrics": metrics}, indent=1))
+    writer = tf.summary.create_file_writer(
+        str(self.model_dir / TENSORBOARD_DIR / "eval"))
+    with writer.as_default(step=step):
+      for task, task_metrics in metrics.items():
+        for name, value in task_metrics.items():
+          tf.summary.scalar(f"{task}/{name}", value)
+    writer.flush()

@@ -1,0 +1,123 @@
+"""Where training metrics go: a console progress line, a JSONL file and
+TensorBoard event files.
+
+Only process 0 writes (every process computes the same replicated metrics).
+TensorBoard is written with `tf.summary`, imported when the logger is made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# Dense bf16 peak TFLOP/s per device, for the MFU estimate, by device kind.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v6 lite": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+def peak_tflops(device: jax.Device) -> Optional[float]:
+  """Peak TFLOP/s of `device` from `PEAK_TFLOPS`, None if unknown (CPU)."""
+  for kind, peak in PEAK_TFLOPS.items():
+    if device.device_kind.startswith(kind):
+      return peak
+  return None
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+  """`logger(step, metrics)` after every step; `logger.close()` at the end.
+
+  Args:
+    model_dir: the run's directory (metrics.jsonl, tensorboard/train).
+    total_steps: the step the run ends at (for the ETA).
+    tokens_per_step: target + input tokens of a global batch (tokens/s).
+    flops_per_step: model FLOPs of one training step (forward + backward),
+      counting only active experts, for MFU; None: no MFU.
+    log_every: steps between console lines.
+    peak_tflops_per_device: overrides `PEAK_TFLOPS`.
+  """
+
+  def __init__(self, model_dir: str, total_steps: int, tokens_per_step: int,
+               flops_per_step: Optional[float], log_every: int = 10,
+               peak_tflops_per_device: Optional[float] = None):
+    self._writes = jax.process_index() == 0
+    self._total_steps = total_steps
+    self._tokens_per_step = tokens_per_step
+    self._log_every = max(1, log_every)
+    peak = peak_tflops_per_device or peak_tflops(jax.devices()[0])
+    self._peak_flops = (peak * 1e12 * jax.device_count()
+                        if peak and flops_per_step else None)
+    self._flops_per_step = flops_per_step
+    self._last_time = None
+    self._last_step = None
+    self._jsonl = self._summary = None
+    if self._writes:
+      import tensorflow as tf  # only the logger needs it
+      Path(model_dir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(Path(model_dir) / METRICS_FILE, "a")
+      self._summary = tf.summary.create_file_writer(
+          str(Path(model_dir) / TENSORBOARD_DIR / "train"))
+      self._tf = tf
+
+  def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+    now = time.perf_counter()
+    if self._last_time is None:  # the first step includes compilation
+      self._last_time, self._last_step = now, step
+      rate = {}
+    else:
+      steps_per_s = (step - self._last_step) / max(now - self._last_time,
+                                                   1e-9)
+      rate = {"steps_per_second": steps_per_s,
+              "tokens_per_second": steps_per_s * self._tokens_per_step}
+      if self._peak_flops:
+        rate["mfu"] = steps_per_s * self._flops_per_step / self._peak_flops
+    if not self._writes:
+      return
+    record = {"step": step, **metrics, **rate}
+    self._jsonl.write(json.dumps(record) + "\n")
+    with self._summary.as_default(step=step):
+      for name, value in record.items():
+        if name != "step":
+          self._tf.summary.scalar(name, value)
+    if step % self._log_every == 0 or step == self._total_steps:
+      self._jsonl.flush()
+      self._console(step, metrics, rate)
+      self._last_time, self._last_step = now, step
+
+  def _console(self, step: int, metrics: Mapping[str, float],
+               rate: Mapping[str, float]) -> None:
+    line = (f"step {step:>6}/{self._total_steps}  loss {metrics['loss']:.4f}  "
+            f"ce {metrics['cross_entropy']:.4f}")
+    if "fraction_tokens_left_behind" in metrics:
+      line += (f"  aux {metrics['auxiliary_loss']:.3f}  dropped "
+               f"{metrics['fraction_tokens_left_behind']:.3f}")
+    if rate:
+      line += f"  {rate['tokens_per_second']:,.0f} tok/s"
+      line += f"  MFU {rate['mfu']:.1%}" if "mfu" in rate else "  MFU n/a"
+      remaining = (self._total_steps - step) / max(rate["steps_per_second"],
+                                                   1e-9)
+      line += f"  ETA {_duration(remaining)}"
+    print(line, flush=True)
+
+  def close(self) -> None:
+    if self._writes:
+      self._jsonl.close()
+      self._summary.flush()

@@ -1,0 +1,309 @@
+"""The main job: a gin-configured training run on a device mesh, with
+checkpoints, logging and periodic evaluation.
+
+A run is described by macros that gin files bind (gin/runs/*.gin):
+
+  MODEL_CONFIG      moe_jax.models.config.TransformerConfig (gin/models/)
+  TRAIN_CONFIG      TrainConfig below
+  DATA_CONFIG       moe_jax.train.data.DataConfig
+  OPTIMIZER_CONFIG  moe_jax.train.optimizers.OptimizerConfig
+  LOSS_CONFIG       moe_jax.train.objective.LossConfig
+  EVAL_CONFIG       moe_jax.train.evaluation.EvalConfig (optional)
+
+and the mesh comes from `partitioning.make_mesh` / `logical_axis_rules`.
+`configured_run()` reads them (every knob is checked before anything is
+compiled); `train(run)` runs it. Python users can build a `Run` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from moe_jax import flops, knobs, partitioning, upcycle
+from moe_jax.models import TransformerConfig, build_model
+from moe_jax.models import configured_model_config
+from moe_jax.train import loop
+from moe_jax.train.checkpoints import Checkpointer
+from moe_jax.train.data import BatchStream, DataConfig, Objective
+from moe_jax.train.evaluation import EvalConfig, Evaluator
+from moe_jax.train.metrics_log import MetricsLogger
+from moe_jax.train.objective import LossConfig
+from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
+from moe_jax.train.step import TrainState, model_inputs
+
+
+class InitMode(str, enum.Enum):
+  """How `TrainConfig.init_checkpoint` fills the fresh parameters.
+
+  MATCHING: copy every parameter whose path matches `init_params_include`
+    and exists with the same shape in the checkpoint (partial restore by
+    name: e.g. fine-tune from pre-training, or keep a fresh head).
+  UPCYCLE: the checkpoint is a dense model; experts are copies of its FFNs
+    and routers stay fresh (`moe_jax.upcycle`).
+  """
+  MATCHING = "matching"
+  UPCYCLE = "upcycle"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Attributes:
+    model_dir: checkpoints, config.gin, metrics.jsonl, TensorBoard, eval.
+    num_steps: train until this many updates are done (resuming counts).
+    save_every: steps between checkpoints.
+    keep_checkpoints: how many checkpoints to keep.
+    log_every: steps between console lines.
+    eval_every: steps between evaluations (0: only at the end).
+    seed: parameter initialization and dropout.
+    init_checkpoint: a model directory (its latest step) or a step
+      directory to initialize parameters from when the run starts fresh.
+    init_mode: `InitMode`.
+    init_params_include: regex over '/'-joined parameter paths (MATCHING).
+    overwrite_config: accept a model directory written with another config.
+    async_checkpointing: write checkpoints in the background.
+    peak_tflops_per_device: for MFU where the device kind is unknown.
+  """
+  model_dir: str
+  num_steps: int
+  save_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  eval_every: int = 0
+  seed: int = 0
+  init_checkpoint: Optional[str] = None
+  init_mode: InitMode = InitMode.MATCHING
+  init_params_include: str = ".*"
+  overwrite_config: bool = False
+  async_checkpointing: bool = True
+  peak_tflops_per_device: Optional[float] = None
+
+  def __post_init__(self):
+    knobs.choice(InitMode, "init_mode", self.init_mode)
+    for knob in ("num_steps", "save_every", "keep_checkpoints", "log_every"):
+      if getattr(self, knob) < 1:
+        raise ValueError(f"{knob} must be >= 1; got {knob}="
+                         f"{getattr(self, knob)}")
+    if self.eval_every < 0:
+      raise ValueError(f"eval_every must be >= 0; got eval_every="
+                       f"{self.eval_every}")
+    try:
+      re.compile(self.init_params_include)
+    except re.error as e:
+      raise ValueError(f"init_params_include is not a regex: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  model: TransformerConfig
+  train: TrainConfig
+  data: DataConfig
+  optimizer: OptimizerConfig = OptimizerConfig()
+  loss: LossConfig = LossConfig()
+  eval: Optional[EvalConfig] = None
+  config_text: str = ""   # stored beside the checkpoints
+
+
+@gin.configurable("moe_jax_run")
+def _run_parts(train=gin.REQUIRED, data=gin.REQUIRED,
+               optimizer=gin.REQUIRED, loss=gin.REQUIRED, evaluation=None):
+  return train, data, optimizer, loss, evaluation
+
+
+def configured_run() -> Run:
+  """The `Run` the parsed gin files describe (macros above)."""
+  model = configured_model_config()
+  with gin.unlock_config():
+    gin.parse_config("\n".join([
+        "moe_jax_run.train = %TRAIN_CONFIG",
+        "moe_jax_run.data = %DATA_CONFIG",
+        "moe_jax_run.optimizer = %OPTIMIZER_CONFIG",
+        "moe_jax_run.loss = %LOSS_CONFIG",
+        "moe_jax_run.evaluation = %EVAL_CONFIG"]))
+  parts = _run_parts()
+  for (name, value), kind in zip(
+      zip(("TRAIN_CONFIG", "DATA_CONFIG", "OPTIMIZER_CONFIG", "LOSS_CONFIG"),
+          parts), (TrainConfig, DataConfig, OptimizerConfig, LossConfig)):
+    if not isinstance(value, kind):
+      raise ValueError(f"{name} must be a {kind.__name__}; got {value!r}")
+  return Run(model, *parts[:4], eval=parts[4], config_text=gin.config_str())
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  history: list[dict]
+  eval_metrics: dict     # step -> {task: {metric: value}}
+  resumed_from: Optional[int]
+  preempted: bool
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def latest_step(model_dir: str) -> int:
+  """The newest checkpoint step in `model_dir`."""
+  steps = [int(p.name) for p in (Path(model_dir) / "checkpoints").glob("*")
+           if p.name.isdigit()]
+  if not steps:
+    raise ValueError(f"no checkpoint in {model_dir} yet: train first")
+  return max(steps)
+
+
+def restore_params(path: str) -> Any:
+  """Parameters (numpy, nested dicts) of a checkpoint: a model directory
+  (its latest step) or one step's directory."""
+  path = Path(path).resolve()
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints" / str(latest_step(path))
+  if not path.is_dir():
+    raise ValueError(f"{path} is not a checkpoint directory")
+  item = path / "default" if (path / "default").is_dir() else path
+  restored = ocp.StandardCheckpointer().restore(item)
+  return restored["params"]
+
+
+def init_params_from(fresh: Any, source: Any, mode: InitMode,
+                     include: str) -> tuple[Any, list[str]]:
+  """`fresh` params filled from `source`; also the copied paths."""
+  if InitMode(mode) == InitMode.UPCYCLE:
+    merged = upcycle.upcycle(source, fresh)
+    return merged, sorted(_flat(merged))
+  pattern = re.compile(include)
+  source_flat = _flat(source)
+  copied = []
+
+  def fill(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    value = source_flat.get(name)
+    if (value is not None and pattern.fullmatch(name) and
+        np.shape(value) == leaf.shape):
+      copied.append(name)
+      return np.asarray(value, leaf.dtype)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(fill, fresh), copied
+
+
+def _tokens_per_example(data: DataConfig) -> int:
+  lengths = data.task_feature_lengths
+  if Objective(data.objective) == Objective.ENC_DEC:
+    return lengths["inputs"] + lengths["targets"]
+  return lengths.get("inputs", 0) + lengths["targets"]
+
+
+class _Trainer:
+  """What `train` sets up once: model, optimizer, mesh, data."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self.model = build_model(run.model)
+    self.optimizer = make_optimizer(run.optimizer)
+    self.mesh = partitioning.make_mesh()
+    self.rules = partitioning.logical_axis_rules()
+    self.stream = BatchStream(run.data, jax.process_index(),
+                              jax.process_count())
+    self.batch_sharding = nn.logical_to_mesh_sharding(
+        jax.sharding.PartitionSpec("batch", None), self.mesh, self.rules)
+
+  def batch(self, step: int) -> dict[str, jax.Array]:
+    local = self.stream(step)
+    size = self.run.data.batch_size
+    return {k: jax.make_array_from_process_local_data(
+        self.batch_sharding, v, (size,) + v.shape[1:])
+            for k, v in local.items()}
+
+  def _init_variables(self, rng):
+    local = self.stream(0)
+    example = {k: np.zeros((self.run.data.batch_size,) + v.shape[1:], v.dtype)
+               for k, v in local.items()}
+    return self.model.init(rng, **model_inputs(example),
+                           enable_dropout=False)["params"]
+
+  def state_shardings(self, key) -> TrainState:
+    """Shardings of the train state (params by their logical axes)."""
+    with partitioning.axis_rules(self.mesh, self.rules):
+      boxed = jax.eval_shape(self._init_variables, key)
+    param_shardings = partitioning.shardings_for(boxed, self.mesh, self.rules)
+    abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    opt_shardings = partitioning.optimizer_state_shardings(
+        abstract_opt, abstract_params, param_shardings, self.mesh)
+    return TrainState(partitioning.replicated(self.mesh), param_shardings,
+                      opt_shardings)
+
+  def initial_state(self, key, shardings: TrainState) -> TrainState:
+    with partitioning.axis_rules(self.mesh, self.rules):
+      params = jax.jit(lambda k: nn.unbox(self._init_variables(k)),
+                       out_shardings=shardings.params)(key)
+    source = self.run.train.init_checkpoint
+    if source is not None:
+      host = jax.tree.map(np.asarray, params)
+      filled, copied = init_params_from(
+          host, restore_params(source), self.run.train.init_mode,
+          self.run.train.init_params_include)
+      if jax.process_index() == 0:
+        print(f"initialized {len(copied)} parameter arrays from {source}")
+      params = jax.device_put(filled, shardings.params)
+    opt_state = jax.jit(self.optimizer.init,
+                        out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(np.zeros((), np.int32), shardings.step)
+    return TrainState(step, params, opt_state)
+
+
+def train(run: Run) -> TrainResult:
+  """Trains (resuming from MODEL_DIR if it has checkpoints), evaluates every
+  `eval_every` steps and at the end, and returns the result."""
+  cfg = run.train
+  trainer = _Trainer(run)
+  evaluator = (Evaluator(run.eval, run.model, run.data.objective,
+                         cfg.model_dir)
+               if run.eval and run.eval.mixture_or_task_name else None)
+  checkpointer = Checkpointer(cfg.model_dir, run.config_text, cfg.save_every,
+                              cfg.keep_checkpoints, cfg.async_checkpointing,
+                              cfg.overwrite_config)
+  tokens = run.data.batch_size * _tokens_per_example(run.data)
+  lengths = run.data.task_feature_lengths
+  counts = flops.count(run.model, lengths.get("inputs", 0), lengths["targets"])
+  logger = MetricsLogger(cfg.model_dir, cfg.num_steps, tokens,
+                         3 * counts.forward_flops * run.data.batch_size,
+                         cfg.log_every, cfg.peak_tflops_per_device)
+  eval_metrics = {}
+
+  def evaluate(step: int, state: TrainState) -> None:
+    metrics = evaluator.evaluate(state.params, step)
+    eval_metrics[step] = metrics
+    if jax.process_index() == 0:
+      for task, values in metrics.items():
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+        print(f"eval step {step} {task}: {shown}", flush=True)
+
+  def after_step(step: int, state: TrainState) -> None:
+    if cfg.eval_every and step % cfg.eval_every == 0 and (
+        step < cfg.num_steps):
+      evaluate(step, state)
+
+  shardings = trainer.state_shardings(jax.random.PRNGKey(cfg.seed))
+  with partitioning.axis_rules(trainer.mesh, trainer.rules):
+    result = loop.train(
+        trainer.model, trainer.optimizer, run.loss, trainer.batch,
+        cfg.num_steps, checkpointer, cfg.seed, logger,
+        lambda key: trainer.initial_state(key, shardings), shardings,
+        after_step if evaluator is not None else None)
+    if evaluator is not None and not result.preempted:
+      evaluate(int(result.state.step), result.state)
+  logger.close()
+  checkpointer.close()
+  return TrainResult(result.state, result.history, eval_metrics,
+                     result.resumed_from, result.preempted)

@@ -1,0 +1,39 @@
+"""The end-of-run summary the `train` command prints."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_jax import metric_names
+
+
+def _mean(history: list[dict], key: str, rows: slice) -> float:
+  values = [h[key] for h in history[rows] if key in h]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def format_summary(run, result) -> str:
+  """Loss at the start and end of the run, routing statistics of the last
+  steps, and the last evaluation."""
+  history = result.history
+  lines = [f"run summary ({run.train.model_dir})"]
+  if result.resumed_from is not None:
+    lines.append(f"  resumed from step {result.resumed_from}")
+  if history:
+    window = max(1, min(20, len(history) // 5))
+    first = _mean(history, "cross_entropy", slice(0, window))
+    last = _mean(history, "cross_entropy", slice(-window, None))
+    lines.append(f"  cross entropy: {first:.3f} (first {window} steps) -> "
+                 f"{last:.3f} (last {window}), step {history[-1]['step']}")
+    for name in metric_names.SCALAR_METRICS:
+      if name in history[-1]:
+        lines.append(f"  {name:<28} {_mean(history, name, slice(-window, None)):.4f}")
+  if result.preempted:
+    lines.append("  stopped early by a signal; the checkpoint is saved")
+  if result.eval_metrics:
+    step = max(result.eval_metrics)
+    lines.append(f"  evaluation at step {step}:")
+    for task, values in sorted(result.eval_metrics[step].items()):
+      shown = ", ".join(f"{k} {v:.1f}" for k, v in values.items())
+      lines.append(f"    {task:<40} {shown}")
+  return "\n".join(lines)
