@@ -71,6 +71,12 @@ class MoeConfig:
   activation: Optional[Activation] = None
   allow_expert_choice_in_causal: bool = False
 
+  def __post_init__(self):
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts must be >= 1; got num_experts="
+                       f"{self.num_experts}")
+    self.router.validate(self.num_experts)
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
