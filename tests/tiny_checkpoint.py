@@ -13,9 +13,11 @@ from moe_jax.models import build_model, configured_model_config
 from moe_jax.train import checkpoints, loop, objective, optimizers
 
 GIN_FILE = "gin/models/t5_1_1_tiny_moe.gin"
-# 4 experts, top-2, every layer sparse: 2 encoder + 2 decoder MoE layers.
+# 4 experts, top-2, every layer sparse (2 encoder + 2 decoder MoE layers);
+# a small eval capacity so that inspection sees dropped tokens.
 BINDINGS = ("NUM_EXPERTS = 4", "SPARSE_EVERY = 1", "EMBED_DIM = 16",
-            "MLP_DIM = 32", "HEAD_DIM = 8", "VOCAB_SIZE = 260")
+            "MLP_DIM = 32", "HEAD_DIM = 8", "VOCAB_SIZE = 260",
+            "EVAL_CAPACITY_FACTOR = 0.5")
 BATCH, INPUT_LENGTH, TARGET_LENGTH = 4, 12, 8
 
 

@@ -76,7 +76,8 @@ def _logical_axes(boxed_params: Any) -> Any:
 
 def open_checkpoint(model_dir: str | Path, step: Optional[int] = None
                     ) -> Checkpoint:
-  """Restores the parameters saved at `step` (default: the latest).
+  """Restores the parameters saved at `step` (default: the latest) onto
+  the first device.
 
   Parses MODEL_DIR/config.gin, which replaces the process's current gin
   configuration.
@@ -104,11 +105,12 @@ def open_checkpoint(model_dir: str | Path, step: Optional[int] = None
       lambda: model.init(jax.random.PRNGKey(0), **dummy_batch(config, 1, 4, 4),
                          enable_dropout=False))["params"]
   abstract = nn.unbox(boxed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.CheckpointManager(model_dir / CHECKPOINTS_DIR) as manager:
     restored = manager.restore(step, args=ocp.args.PyTreeRestore(
         item={"params": abstract}, partial_restore=True,
         restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype),
+            lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=device),
             {"params": abstract})))
   return Checkpoint(model_dir, step, config, model, restored["params"],
                     _logical_axes(boxed))
