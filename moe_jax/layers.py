@@ -221,7 +221,9 @@ class MoeLayer(nn.Module):
     stats = self._stats(routed, token_mask, capacity, group_size)
     for name in metric_names.ALL:
       self.sow(metric_names.INTERMEDIATES, name, getattr(stats, name))
-    if self.is_mutable_collection(metric_names.ROUTING):
+    # init makes every collection mutable; only an explicit request captures.
+    if (self.is_mutable_collection(metric_names.ROUTING) and
+        not self.is_initializing()):
       self._sow_routing(routed, token_mask, group_size)
     return out.astype(self.dtype), stats
 
