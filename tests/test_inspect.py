@@ -127,6 +127,9 @@ def test_token_tables_agree_with_loads(checkpoint):
     top = report.top_tokens(i, top=100)
     for expert, counted in top.items():
       assert sum(n for _, n in counted) == layer.expert_load[expert]
+  assert report.top_tokens(report.layers[1].name) == report.top_tokens(1)
+  with pytest.raises(ValueError, match="no sparse layer named"):
+    report.top_tokens("encoder/block_9/layer_0")
 
 
 def test_capture_leaves_outputs_unchanged(checkpoint):

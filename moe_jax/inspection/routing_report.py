@@ -132,8 +132,14 @@ class RoutingReport:
                  ) -> dict[int, list[tuple[str, int]]]:
     """Expert -> its `top` most frequent (decoded token, count) in `layer`
     (an index into `layers` or a name), counting every dispatch."""
-    report = (self.layers[layer] if isinstance(layer, int) else
-              next(l for l in self.layers if l.name == layer))
+    if isinstance(layer, int):
+      report = self.layers[layer]
+    else:
+      named = [l for l in self.layers if l.name == layer]
+      if not named:
+        raise ValueError(f"no sparse layer named {layer!r}; layers: "
+                         f"{self.layer_names()}")
+      report = named[0]
     ids = self.tokens[report.stack]
     out = {}
     for e in range(self.num_experts):
