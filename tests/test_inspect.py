@@ -167,3 +167,40 @@ class _Bytes:
 
   def decode(self, ids):
     return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
+
+def _initialized(scan_layers):
+  from moe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import build_model, configured_model_config, dummy_batch
+  gin_utils.parse([tiny_checkpoint.GIN_FILE], tiny_checkpoint.BINDINGS + (
+      f"SCAN_LAYERS = {scan_layers}",))
+  config = configured_model_config()
+  model = build_model(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0),
+                               **dummy_batch(config, 1, 4, 4),
+                               enable_dropout=False)["params"])
+  return moe_inspect.Checkpoint(None, 0, config, model, params, None)
+
+
+def test_scanned_layers_report_like_unrolled_layers():
+  unrolled = _initialized(False)
+  scanned = _initialized(True)
+  params = dict(unrolled.params)
+  for stack in ("encoder", "decoder"):
+    blocks = dict(params[stack])
+    per_block = [blocks.pop(f"block_{i}") for i in range(2)]
+    blocks["blocks"] = jax.tree.map(lambda *a: np.stack(a), *per_block)
+    params[stack] = blocks
+  jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params,
+               scanned.params)
+  scanned = moe_inspect.Checkpoint(None, 0, scanned.config, scanned.model,
+                                   params, None)
+  batch = tiny_checkpoint.batch_fn(0)
+  want = moe_inspect.route_batch(unrolled, batch)
+  got = moe_inspect.route_batch(scanned, batch)
+  assert [l.name for l in got.layers] == [l.name for l in want.layers]
+  for g, w in zip(got.layers, want.layers):
+    np.testing.assert_array_equal(g.expert_load, w.expert_load)
+    np.testing.assert_array_equal(g.expert_ids, w.expert_ids)
+    np.testing.assert_allclose(g.router_probs, w.router_probs, atol=1e-5)
+    np.testing.assert_allclose(g.router_entropy, w.router_entropy, rtol=1e-5)

@@ -30,7 +30,7 @@ class Checkpoint:
   """A restored model.
 
   Attributes:
-    model_dir: the run's directory.
+    model_dir: the run's directory (None for parameters built in memory).
     step: the restored step.
     config: the model's `TransformerConfig` (from MODEL_DIR/config.gin).
     model: the flax module.
@@ -38,7 +38,7 @@ class Checkpoint:
     logical_axes: same tree as `params`, each leaf a tuple of logical axis
       names (e.g. ('expert', 'embed', 'expert_mlp')).
   """
-  model_dir: Path
+  model_dir: Optional[Path]
   step: int
   config: TransformerConfig
   model: nn.Module
