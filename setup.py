@@ -31,6 +31,10 @@ setuptools.setup(
             "pytest-xdist>=3",
             "hypothesis>=6",
             "scipy>=1.11",
+            "matplotlib>=3.8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )

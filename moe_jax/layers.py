@@ -14,7 +14,8 @@ Data flow for x <[B, L, D]>:
 
 The layer returns `(y, MoeStats)` and also sows every `MoeStats` field into
 the `intermediates` collection under the names in `moe_jax.metric_names`
-(the names T5X's MoE models read).
+(the names T5X's MoE models read). When the caller makes the `routing`
+collection mutable, it also sows the per-token routing (`moe_jax.capture`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax import knobs, metric_names
+from moe_jax import capture, knobs, metric_names
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
                               expert_capacity, group_shape, group_tokens,
                               scatter_dispatch)
@@ -220,7 +221,21 @@ class MoeLayer(nn.Module):
     stats = self._stats(routed, token_mask, capacity, group_size)
     for name in metric_names.ALL:
       self.sow(metric_names.INTERMEDIATES, name, getattr(stats, name))
+    # init makes every collection mutable; only an explicit request captures.
+    if (self.is_mutable_collection(metric_names.ROUTING) and
+        not self.is_initializing()):
+      self._sow_routing(routed, token_mask, group_size)
     return out.astype(self.dtype), stats
+
+  def _sow_routing(self, routed, token_mask: Array, group_size: int) -> None:
+    """Per-token routing for inspection (see `moe_jax.capture`)."""
+    mask, weights = capture.token_expert_assignment(
+        routed.decision, self.num_experts, group_size)
+    for name, value in ((metric_names.ROUTER_PROBS, routed.router_probs),
+                        (metric_names.DISPATCH_MASK, mask),
+                        (metric_names.COMBINE_WEIGHTS, weights),
+                        (metric_names.TOKEN_MASK, token_mask)):
+      self.sow(metric_names.ROUTING, name, value)
 
   def _stats(self, routed, token_mask: Array, capacity: int,
              group_size: int) -> MoeStats:

@@ -22,3 +22,15 @@ SCALAR_METRICS = (
     EXPERT_USAGE,
 )
 ALL = SCALAR_METRICS + (EXPERT_LOAD,)
+
+# Opt-in per-token routing capture. An MoE layer sows these only when the
+# caller makes the ROUTING collection mutable (inspection); training and T5X
+# never request it, so their programs are unchanged.
+ROUTING = "routing"
+
+ROUTER_PROBS = "router_probs"        # <float32>[G, S, E]
+DISPATCH_MASK = "dispatch_mask"      # <bool>[G, S, E]
+COMBINE_WEIGHTS = "combine_weights"  # <float32>[G, S, E]
+TOKEN_MASK = "token_mask"            # <float32>[G, S]
+
+ROUTING_CAPTURE = (ROUTER_PROBS, DISPATCH_MASK, COMBINE_WEIGHTS, TOKEN_MASK)

@@ -16,6 +16,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax import metric_names
 from moe_jax.experts import Activation, mlp
 from moe_jax.layers import MoeLayer, MoeStats
 from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
@@ -263,7 +264,8 @@ class Stack(nn.Module):
     block = _block_class(cfg)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+                                metric_names.ROUTING: 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,
           metadata_params={nn.PARTITION_NAME: "layers"})

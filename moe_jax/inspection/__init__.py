@@ -1,0 +1,1 @@
+"""Checkpoint and routing inspection; the entry point is `moe_jax.inspect`."""
