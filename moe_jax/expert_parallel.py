@@ -31,6 +31,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax._src import mesh as mesh_lib
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
@@ -48,10 +49,23 @@ def _weight_spec(name: str) -> P:
   return P(EXPERT, MODEL, None) if name == "wo" else P(EXPERT, None, MODEL)
 
 
-def _mesh_sizes(num_experts: int, num_groups: int, hidden_dim: int
-                ) -> tuple[jax.sharding.AbstractMesh, int]:
-  """The context mesh and its expert axis size, after checking divisibility."""
+def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
+  """The mesh set by `jax.set_mesh`, else by `with mesh:`.
+
+  `moe_jax.partitioning.axis_rules` uses `with mesh:` (the models' logical
+  constraints rely on it); jax 0.10 exposes that mesh only through
+  `thread_resources`.
+  """
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = mesh_lib.thread_resources.env.physical_mesh
+  return mesh
+
+
+def _mesh_sizes(num_experts: int, num_groups: int, hidden_dim: int
+                ) -> tuple[jax.sharding.Mesh | jax.sharding.AbstractMesh, int]:
+  """The context mesh and its expert axis size, after checking divisibility."""
+  mesh = context_mesh()
   if mesh.empty or not {DATA, EXPERT, MODEL} <= set(mesh.axis_names):
     raise ValueError(
         "expert_parallel=True needs a mesh with axes ('data', 'expert', "
