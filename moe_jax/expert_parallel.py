@@ -62,9 +62,13 @@ def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
   return mesh
 
 
-def _mesh_sizes(num_experts: int, num_groups: int, hidden_dim: int
+def check_mesh(num_experts: int, num_groups: int, hidden_dim: int
                 ) -> tuple[jax.sharding.Mesh | jax.sharding.AbstractMesh, int]:
-  """The context mesh and its expert axis size, after checking divisibility."""
+  """The context mesh and its expert axis size, after checking divisibility.
+
+  Raises:
+    ValueError: no mesh, or E, G or F does not split over its mesh axes.
+  """
   mesh = context_mesh()
   if mesh.empty or not {DATA, EXPERT, MODEL} <= set(mesh.axis_names):
     raise ValueError(
@@ -119,7 +123,7 @@ def expert_parallel_dispatch(tokens: Array, weights: dict,
     <[G, S, D]>, equal to the single-device dispatch of the same path.
   """
   hidden_dim = weights["wo"].shape[1]
-  mesh, num_shards = _mesh_sizes(num_experts, tokens.shape[0], hidden_dim)
+  mesh, num_shards = check_mesh(num_experts, tokens.shape[0], hidden_dim)
   local_experts = num_experts // num_shards
 
   def capacity_path(tokens, decision, weights):

@@ -31,7 +31,7 @@ from moe_jax import knobs, metric_names
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
                               expert_capacity, group_shape, group_tokens,
                               scatter_dispatch)
-from moe_jax.expert_parallel import expert_parallel_dispatch
+from moe_jax.expert_parallel import check_mesh, expert_parallel_dispatch
 from moe_jax.experts import Activation, Experts
 from moe_jax.routing import Router, TokenChoice
 
@@ -219,6 +219,9 @@ class MoeLayer(nn.Module):
     with jax.named_scope("experts"):
       expert_fn = functools.partial(self.experts, deterministic=deterministic)
       if self.expert_parallel:
+        # Before the experts create their weights, whose sharding would fail
+        # with a less clear error.
+        check_mesh(self.num_experts, tokens.shape[0], self.expert_hidden_dim)
         out = self.experts(tokens, deterministic=deterministic, exchange=(
             functools.partial(
                 expert_parallel_dispatch, decision=decision,

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from moe_jax import gin_utils
 from moe_jax.layers import MoeLayer
+from moe_jax.models import configured_model_config
 from moe_jax.routing import TokenChoiceRouter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +34,16 @@ def test_needs_a_mesh():
   x = jnp.ones((1, 2, 4))
   with pytest.raises(ValueError, match="needs a mesh"):
     layer().init(jax.random.key(0), x, deterministic=True)
+
+
+def test_gin_file_turns_it_on_in_both_stacks():
+  gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin",
+                   "gin/partitioning/expert_parallel_shard_map.gin"], [])
+  config = configured_model_config()
+  assert config.encoder_moe.expert_parallel
+  assert config.decoder_moe.expert_parallel
+  gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin"], [])
+  assert not configured_model_config().encoder_moe.expert_parallel
 
 
 def run_check(case: str) -> str:
