@@ -106,12 +106,8 @@ def shardings_for(abstract_tree: Any, mesh: Mesh,
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
-  """Applies `rules` and `mesh` while tracing `model.init` / `model.apply`.
-
-  `jax.set_mesh` makes the mesh visible to `jax.shard_map` (the
-  expert-parallel path); the legacy `with mesh` serves logical constraints.
-  """
-  with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  """Applies `rules` and `mesh` while tracing `model.init` / `model.apply`."""
+  with mesh, nn.logical_axis_rules(rules):
     yield
 
 

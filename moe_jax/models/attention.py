@@ -25,24 +25,6 @@ KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in",
                                                "truncated_normal")
 
 
-class _FlatPartitioned(nn.LogicallyPartitioned):
-  """Logical names for a kernel that DenseGeneral creates flat, then reshapes.
-
-  DenseGeneral unboxes the flat 2-D kernel before the reshape; a sharding
-  constraint with the 3-D names fails there under a mesh (flax also re-runs
-  the init abstractly during `apply` to check shapes), so the constraint is
-  applied only once the value has its named rank.
-  """
-
-  def unbox(self, apply_constraint=True):
-    return super().unbox(apply_constraint and
-                         self.value.ndim == len(self.names))
-
-
-def _kernel_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
-  return lambda *args: _FlatPartitioned(KERNEL_INIT(*args), names)
-
-
 def relative_position_bucket(relative_position: Array, bidirectional: bool,
                              num_buckets: int, max_distance: int) -> Array:
   """T5's bucket of each (key - query) offset.
@@ -122,7 +104,8 @@ class MultiHeadAttention(nn.Module):
   def _project(self, name: str, x: Array) -> Array:
     return nn.DenseGeneral(
         (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
-        kernel_init=_kernel_init(("embed", "heads", "kv")), name=name)(x)
+        kernel_init=nn.with_logical_partitioning(
+            KERNEL_INIT, ("embed", "heads", "kv")), name=name)(x)
 
   @nn.compact
   def __call__(self, queries: Array, memory: Array, bias: Array, *,
@@ -158,7 +141,8 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     return nn.DenseGeneral(
         queries.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        kernel_init=_kernel_init(("heads", "kv", "embed")), name="out")(out)
+        kernel_init=nn.with_logical_partitioning(
+            KERNEL_INIT, ("heads", "kv", "embed")), name="out")(out)
 
   def _update_cache(self, k: Array, v: Array, index: Array):
     """Writes one step's k, v <[B, 1, H, Dh]> at slot `index` <int32>[B].
