@@ -87,7 +87,7 @@ class MoeLayer(nn.Module):
       the traced mesh (`moe_jax.expert_parallel`: all-to-all of expert
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
-      Same function either way; needs no expert dropout.
+      Same function either way; requires expert_dropout_rate=0.
     dtype: activation dtype of the experts (router math is float32).
     param_dtype: dtype of the stored expert weights.
   """
