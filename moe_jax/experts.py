@@ -42,6 +42,11 @@ class Activation(str, enum.Enum):
     return self in (Activation.GATED_GELU, Activation.SWIGLU)
 
   @property
+  def weight_names(self) -> tuple[str, ...]:
+    """Names of the weights `mlp` asks for; "wo" is the one out of F."""
+    return ("wi_0", "wi_1", "wo") if self.is_gated else ("wi", "wo")
+
+  @property
   def fn(self) -> Callable[[Array], Array]:
     return {
         Activation.RELU: jax.nn.relu,
@@ -85,7 +90,9 @@ class Experts(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, group_sizes: Optional[Array] = None, *,
-               deterministic: bool) -> Array:
+               deterministic: bool,
+               exchange: Optional[Callable[[Array, dict], Array]] = None
+               ) -> Array:
     """Applies the experts.
 
     Args:
@@ -93,6 +100,10 @@ class Experts(nn.Module):
         when `group_sizes` is given.
       group_sizes: <int32>[E] rows per expert (grouped layout), or None.
       deterministic: disables dropout.
+      exchange: if given, replaces the local computation: it gets x and the
+        weights {name: <[E, D, F]> or <[E, F, D]>} (see
+        `Activation.weight_names`) and returns the output; used by
+        `moe_jax.expert_parallel`, which has no expert dropout.
 
     Returns:
       Same shape as x.
@@ -110,8 +121,13 @@ class Experts(nn.Module):
       return self._weight(name, (self.num_experts, self.hidden_dim, width),
                           WO_AXES)
 
+    activation = Activation(self.activation)
+    if exchange is not None:
+      weights = {name: weight(name, name != "wo")
+                 for name in activation.weight_names}
+      return exchange(x.astype(self.dtype), weights)
     dropout = nn.Dropout(self.dropout_rate)
-    return mlp(x.astype(self.dtype), Activation(self.activation), weight,
+    return mlp(x.astype(self.dtype), activation, weight,
                matmul, lambda h: dropout(h, deterministic=deterministic))
 
 

@@ -167,7 +167,8 @@ class MemoryEstimate:
     nothing for momentum); AdamW keeps two float32 moments per weight.
   gradients: one float32 copy of the (sharded) weights.
   activations: per layer, the residual stream and the FFN / expert hidden
-    activations of the device's tokens (batch / data), in `activation_bytes`
+    activations of the device's tokens (batch / (data * expert): the
+    `batch` logical axis is split over both), in `activation_bytes`
     each; with full rematerialization only the layer inputs stay.
   """
   params: float
@@ -195,7 +196,10 @@ def memory_estimate(config: TransformerConfig, counts: ModelCounts,
   shards = data if fsdp else 1
   params = 4 * (experts / (expert * model) + others / model) / shards
   state = 0.01 * params if optimizer == "adafactor" else 2 * params
-  tokens = batch / data * (counts.input_length + counts.target_length)
+  if min(mesh) < 1:
+    raise ValueError(f"mesh sizes must be >= 1; got mesh={mesh}")
+  tokens = batch / (data * expert) * (counts.input_length +
+                                      counts.target_length)
   layers = config.num_encoder_layers + config.num_decoder_layers
   per_layer = config.emb_dim if remat else (
       4 * config.emb_dim + 2 * config.mlp_dim / model)

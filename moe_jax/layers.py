@@ -32,6 +32,7 @@ from moe_jax import capture, knobs, metric_names
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
                               expert_capacity, group_shape, group_tokens,
                               scatter_dispatch)
+from moe_jax.expert_parallel import check_mesh, expert_parallel_dispatch
 from moe_jax.experts import Activation, Experts
 from moe_jax.routing import Router, TokenChoice
 
@@ -83,6 +84,11 @@ class MoeLayer(nn.Module):
     causal: the layer sits in a causal (autoregressive) stack.
     allow_expert_choice_in_causal: permit routers that see the whole group
       (expert choice) in a causal stack despite the future-token leak.
+    expert_parallel: run dispatch and experts inside `jax.shard_map` over
+      the traced mesh (`moe_jax.expert_parallel`: all-to-all of expert
+      buffers over "expert", F split over "model"). Default False: one
+      program that XLA's SPMD partitioner shards from the param shardings.
+      Same function either way; requires expert_dropout_rate=0.
     dtype: activation dtype of the experts (router math is float32).
     param_dtype: dtype of the stored expert weights.
   """
@@ -99,6 +105,7 @@ class MoeLayer(nn.Module):
   expert_dropout_rate: float = 0.0
   causal: bool = False
   allow_expert_choice_in_causal: bool = False
+  expert_parallel: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -137,6 +144,10 @@ class MoeLayer(nn.Module):
     if not 0 <= self.expert_dropout_rate < 1:
       raise ValueError("expert_dropout_rate must be in [0, 1); got "
                        f"expert_dropout_rate={self.expert_dropout_rate}")
+    if self.expert_parallel and self.expert_dropout_rate:
+      raise ValueError(
+          "expert_parallel=True has no expert dropout; got "
+          f"expert_dropout_rate={self.expert_dropout_rate}")
     if (self.causal and self.router.sees_whole_group and
         not self.allow_expert_choice_in_causal):
       raise ValueError(
@@ -208,7 +219,16 @@ class MoeLayer(nn.Module):
 
     with jax.named_scope("experts"):
       expert_fn = functools.partial(self.experts, deterministic=deterministic)
-      if dispatch == Dispatch.DROPLESS:
+      if self.expert_parallel:
+        # Before the experts create their weights, whose sharding would fail
+        # with a less clear error.
+        check_mesh(self.num_experts, tokens.shape[0], self.expert_hidden_dim)
+        out = self.experts(tokens, deterministic=deterministic, exchange=(
+            functools.partial(
+                expert_parallel_dispatch, decision=decision,
+                dispatch=dispatch, num_experts=self.num_experts,
+                capacity=capacity, activation=Activation(self.activation))))
+      elif dispatch == Dispatch.DROPLESS:
         out = dropless_dispatch(tokens, decision, self.num_experts, expert_fn)
       elif dispatch == Dispatch.EINSUM:
         out = einsum_dispatch(tokens, decision, self.num_experts, expert_fn,

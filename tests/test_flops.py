@@ -82,6 +82,26 @@ def test_memory_estimate_shards_experts_over_the_expert_axis():
     flops.memory_estimate(config, counts, (1, 1, 1), 8, "sgd")
 
 
+def test_memory_estimate_divides_by_the_sharding_rules():
+  config = _config("gin/models/switch_base_128.gin")
+  counts = flops.count(config)
+  experts = counts.params_by_part["experts"]
+  others = counts.total_params - experts
+  one = flops.memory_estimate(config, counts, (1, 1, 1), batch=64)
+  mesh = flops.memory_estimate(config, counts, (2, 4, 2), batch=64,
+                               fsdp=True)
+  # Experts over expert x model, the rest over model, all over data (fsdp).
+  assert mesh.params == pytest.approx(4 * (experts / 8 + others / 2) / 2)
+  assert mesh.gradients == mesh.params
+  assert mesh.optimizer == pytest.approx(0.01 * mesh.params)
+  # Tokens split over data x expert (the `batch` rule), not over model.
+  assert mesh.activations == pytest.approx(one.activations / 8)
+  data_only = flops.memory_estimate(config, counts, (8, 1, 1), batch=64)
+  assert data_only.activations == pytest.approx(mesh.activations)
+  with pytest.raises(ValueError, match="mesh"):
+    flops.memory_estimate(config, counts, (0, 1, 1), batch=64)
+
+
 def test_cli_json_has_the_contract_keys():
   out = subprocess.run(
       [sys.executable, "-m", "moe_jax.flops",

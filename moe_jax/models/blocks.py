@@ -145,6 +145,7 @@ class TransformerLayer(nn.Module):
           expert_dropout_rate=moe.expert_dropout_rate,
           causal=self.stack == "decoder",
           allow_expert_choice_in_causal=moe.allow_expert_choice_in_causal,
+          expert_parallel=moe.expert_parallel,
           dtype=dtype, name="moe")(h, ctx.moe_mask,
                                    deterministic=deterministic,
                                    token_ids=ctx.token_ids)

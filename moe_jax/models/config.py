@@ -55,7 +55,7 @@ class MoeConfig:
     min_expert_capacity, max_group_size, expert_dropout_rate: see
       `moe_jax.layers.MoeLayer`.
     activation: expert activation; None: the model's FFN activation.
-    allow_expert_choice_in_causal: see `MoeLayer`.
+    allow_expert_choice_in_causal, expert_parallel: see `MoeLayer`.
   """
   router: Router
   num_experts: int = 8
@@ -70,6 +70,7 @@ class MoeConfig:
   expert_dropout_rate: float = 0.0
   activation: Optional[Activation] = None
   allow_expert_choice_in_causal: bool = False
+  expert_parallel: bool = False
 
   def __post_init__(self):
     if self.num_experts < 1:
