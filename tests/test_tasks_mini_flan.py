@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tasks import mini_flan
+from tasks import objectives
 from tasks import mini_flan_generators as gen
 
 
@@ -49,8 +49,8 @@ def test_deterministic_and_targets_right(task):
 def test_span_corruption_roundtrip():
   rng = np.random.default_rng(0)
   ids = np.arange(3, 43, dtype=np.int32)
-  mask = mini_flan.noise_mask(len(ids), rng)
-  out = mini_flan.span_corrupt_ids(ids, mask, vocab_size=259)
+  mask = objectives.noise_mask(len(ids), rng)
+  out = objectives.span_corrupt_ids(ids, mask, vocab_size=259)
   np.testing.assert_array_equal(np.sort(np.concatenate(
       [out["inputs"][out["inputs"] < 200], out["targets"][out["targets"] < 200]
        ])), ids)
