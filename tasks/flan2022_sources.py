@@ -52,8 +52,11 @@ class FlanDataset:
     return allowed
 
 
-def _tfds(name: str) -> Callable[[], seqio.DataSource]:
-  return lambda: seqio.TfdsDataSource(tfds_name=name)
+def _tfds(name: str, splits: Tuple[str, ...] = ("train", "validation")
+          ) -> Callable[[], seqio.DataSource]:
+  """A TFDS source; `splits` are the ones TFDS publishes for `name` that we
+  use (named here so that no dataset metadata is read to list them)."""
+  return lambda: seqio.TfdsDataSource(tfds_name=name, splits=splits)
 
 
 def _classes(*names: str, **text_keys: str):
@@ -136,7 +139,8 @@ TFDS_DATASETS = (
                 ("{passage}\n\nQuestion: {question}?",
                  "Based on this text, answer yes or no: {question}?\n"
                  "{passage}"), True),
-    FlanDataset("ag_news", "flan2021", _tfds("ag_news_subset:1.0.0"),
+    FlanDataset("ag_news", "flan2021", _tfds("ag_news_subset:1.0.0",
+                                               ("train", "test")),
                 _classes("World", "Sports", "Business", "Science/Tech",
                          title="title", text="description"),
                 ("{title}\n{text}\nWhich topic is this article about?",
@@ -157,10 +161,12 @@ TFDS_DATASETS = (
                 ("Are these two questions asking the same thing?\n1. {q1}\n"
                  "2. {q2}",
                  "\"{q1}\" and \"{q2}\": duplicates or not?"), True),
-    FlanDataset("imdb", "t0", _tfds("imdb_reviews/plain_text:1.0.0"),
+    FlanDataset("imdb", "t0", _tfds("imdb_reviews/plain_text:1.0.0",
+                                      ("train", "test")),
                 _classes("negative", "positive", text="text"), _SENTIMENT,
                 True),
-    FlanDataset("yelp", "t0", _tfds("yelp_polarity_reviews:0.2.0"),
+    FlanDataset("yelp", "t0", _tfds("yelp_polarity_reviews:0.2.0",
+                                      ("train", "test")),
                 _classes("negative", "positive", text="text"), _SENTIMENT,
                 True),
     FlanDataset("cosmos_qa", "t0", _tfds("cosmos_qa:1.0.0"),
