@@ -1,7 +1,7 @@
-"""Line-oriented file sources (JSONL, TSV) for seqio, with precise errors.
+"""File sources (JSONL, TSV, TFRecord) for seqio, with precise errors.
 
 Files are read when a dataset is first requested; a malformed line raises a
-ValueError naming the file and the 1-based line number.
+ValueError naming the file and the 1-based line (or record) number.
 """
 
 import json
@@ -48,15 +48,30 @@ def read_tsv(path: str, fields: Sequence[str]) -> Iterator[Example]:
       yield dict(zip(fields, cols))
 
 
+def read_tfrecord(path: str, fields: Sequence[str]) -> Iterator[Example]:
+  """Yields {field: str} per tf.train.Example record (bytes features)."""
+  records = tf.data.TFRecordDataset(path).as_numpy_iterator()
+  for index, record in enumerate(records, 1):
+    try:
+      feature = tf.train.Example.FromString(record).features.feature
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{path}: record {index}: not a tf.train.Example") from e
+    missing = [k for k in fields if not feature[k].bytes_list.value]
+    if missing:
+      raise ValueError(f"{path}: record {index}: missing bytes feature(s) "
+                       f"{missing}")
+    yield {k: feature[k].bytes_list.value[0].decode("utf-8") for k in fields}
+
+
 READERS: Dict[str, Callable[[str, Sequence[str]], Iterator[Example]]] = {
-    "jsonl": read_jsonl, "tsv": read_tsv}
+    "jsonl": read_jsonl, "tsv": read_tsv, "tfrecord": read_tfrecord}
 
 
 class FileDataSource(seqio.FunctionDataSource):
   """One file per split under data_dir(), read in full at first use.
 
   `split_files` maps split -> path relative to the data directory; the
-  format is the file extension (jsonl or tsv). Examples are dicts of strings
+  format is the file extension (jsonl, tsv or tfrecord). Examples are dicts of strings
   with keys `fields`.
   """
 

@@ -8,6 +8,7 @@ import sys
 import gin
 import pytest
 import seqio
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tasks
@@ -174,6 +175,28 @@ def test_malformed_lines_named(tmp_path):
   tsv.write_text("q\ta\tr\nq\ta\n")
   with pytest.raises(ValueError, match="c.tsv:2: expected 3"):
     list(file_sources.read_tsv(str(tsv), src.COT_FIELDS))
+
+
+def test_tfrecord_source(tmp_path, monkeypatch):
+  monkeypatch.setenv(data_dir.ENV_VAR, str(tmp_path))
+  rows = [{"inputs": f"question {i}", "targets": f"answer {i}"}
+          for i in range(3)]
+  for name, records in (("good", rows), ("bad", rows + [{}])):
+    with tf.io.TFRecordWriter(str(tmp_path / f"{name}.tfrecord")) as w:
+      for r in records:
+        w.write(tf.train.Example(features=tf.train.Features(feature={
+            k: tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[v.encode()])) for k, v in r.items()
+        })).SerializeToString())
+  source = file_sources.FileDataSource(
+      {"train": "good.tfrecord", "validation": "bad.tfrecord"},
+      ("inputs", "targets"), "test data")
+  assert source.examples("train") == rows
+  assert source.num_input_examples("train") == 3
+  with pytest.raises(ValueError, match=r"bad.tfrecord: record 4: missing"):
+    source.examples("validation")
+  with pytest.raises(ValueError, match="split_files"):
+    file_sources.FileDataSource({"train": "d.csv"}, ("inputs",), "x")
 
 
 def test_missing_data_fails_at_first_use(tmp_path, monkeypatch):
