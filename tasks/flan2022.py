@@ -2,7 +2,7 @@
 
 Registered names:
   flan2022_<submix>_<dataset>_<variant>   templated TFDS / CoT-file tasks
-  flan2022_<submix>_export_<variant>      JSONL exports of the collection
+  flan2022_<submix>_export_<variant>      JSONL exports (not for cot)
   flan2022_<submix>                       capped example-proportional mixture
   flan2022                                the sub-mixtures at fixed weights
 Variants: zs_opt, zs_noopt, fs_opt, fs_noopt (cot, niv2, dialog: *_opt only).
@@ -45,6 +45,18 @@ def mixing(caps: Mapping[str, int] = DEFAULT_CAPS,
   return dict(caps), dict(weights)
 
 
+class FewshotSource(seqio.experimental.FewshotDataSource):
+  """FewshotDataSource that reports its original source's example count
+  (one few-shot example per original example), so rates can use it."""
+
+  def __init__(self, original_source: seqio.DataSource, **kwargs):
+    super().__init__(original_source, **kwargs)
+    self._counted_source = original_source
+
+  def num_input_examples(self, split: str) -> int:
+    return self._counted_source.num_input_examples(split)
+
+
 def capped_size(task: seqio.Task, submix: str) -> float:
   """min(train examples of `task`, cap of `submix`)."""
   caps, _ = mixing()
@@ -84,7 +96,7 @@ def _register_dataset(dataset: src.FlanDataset, features, post) -> List[str]:
         _map, fn=functools.partial(_to_text, dataset=dataset,
                                    with_options=variant.endswith("_opt")))
     if variant.startswith("fs"):
-      source = seqio.experimental.FewshotDataSource(
+      source = FewshotSource(
           dataset.source(), num_shots=NUM_SHOTS, train_preprocessors=[render],
           eval_preprocessors=[render])
       pre = [templates.join_fewshot]
@@ -105,7 +117,7 @@ def register(features: Mapping[str, seqio.Feature]) -> None:
   by_submix: Dict[str, List[str]] = {s: [] for s in src.SUBMIXES}
   for dataset in src.DATASETS:
     by_submix[dataset.submix] += _register_dataset(dataset, features, post)
-  for submix in src.SUBMIXES:
+  for submix in src.EXPORT_SUBMIXES:
     for variant in src.SUBMIX_VARIANTS[submix]:
       name = task_name(submix, "export", variant)
       seqio.TaskRegistry.add(

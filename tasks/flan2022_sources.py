@@ -22,6 +22,8 @@ OPTIONS_ONLY_VARIANTS = ("zs_opt", "fs_opt")
 SUBMIX_VARIANTS = {"flan2021": ALL_VARIANTS, "t0": ALL_VARIANTS,
                    "niv2": OPTIONS_ONLY_VARIANTS, "cot": OPTIONS_ONLY_VARIANTS,
                    "dialog": OPTIONS_ONLY_VARIANTS}
+# Sub-mixtures that also read JSONL exports (cot reads only the CoT TSVs).
+EXPORT_SUBMIXES = ("flan2021", "t0", "niv2", "dialog")
 EXPORT_FIELDS = ("inputs", "targets", "task_name", "template_type")
 COT_FIELDS = ("question", "answer", "rationale")
 COT_DATASETS = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking",

@@ -38,7 +38,7 @@ def local_data(tmp_path, monkeypatch):
     (tmp_path / "flan_cot" / f"{name}_train.tsv").write_text(
         "\n".join(rows) + "\n")
   (tmp_path / "flan2022").mkdir()
-  for submix in src.SUBMIXES:
+  for submix in src.EXPORT_SUBMIXES:
     for k, variant in enumerate(src.SUBMIX_VARIANTS[submix]):
       rows = [{"inputs": f"{submix} question {j}", "targets": f"answer {j}",
                "task_name": f"{submix}_t", "template_type": variant}
@@ -224,6 +224,12 @@ def test_real_flan_cot_files_when_present():
         os.path.join(data_dir.data_dir(), src.cot_file(name)),
         src.COT_FIELDS))
     assert rows and all(r["question"] and r["answer"] for r in rows), name
+  with open(path, encoding="utf-8") as f:
+    lines = sum(1 for line in f if line.strip())
+  mix = seqio.get_mixture_or_task("flan2022_cot")
+  for variant in src.SUBMIX_VARIANTS["cot"]:
+    task = seqio.get_mixture_or_task(f"flan2022_cot_gsm8k_{variant}")
+    assert mix.get_rate(task) == min(lines, flan2022.DEFAULT_CAPS["cot"])
   batch = _packed_batch(seqio.get_mixture_or_task(
       "flan2022_cot_gsm8k_fs_opt"))
   assert batch["encoder_segment_ids"].max() >= 1
@@ -246,3 +252,17 @@ def test_import_takes_no_network():
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "OK" in out.stdout
+
+
+def test_cot_submixture_rates_from_files(local_data):
+  """Real line counts of the written TSVs, capped by a gin-bound cap."""
+  gin.clear_config()
+  try:
+    gin.bind_parameter("tasks.flan2022.mixing.caps",
+                       dict(flan2022.DEFAULT_CAPS, cot=10))
+    mix = seqio.get_mixture_or_task("flan2022_cot")
+    for task in mix.tasks:
+      i = src.COT_DATASETS.index(task.name.split("_")[2])
+      assert mix.get_rate(task) == min(8 + i, 10), task.name
+  finally:
+    gin.clear_config()
