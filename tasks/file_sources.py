@@ -71,8 +71,8 @@ class FileDataSource(seqio.FunctionDataSource):
   """One file per split under data_dir(), read in full at first use.
 
   `split_files` maps split -> path relative to the data directory; the
-  format is the file extension (jsonl, tsv or tfrecord). Examples are dicts of strings
-  with keys `fields`.
+  format is the file extension (jsonl, tsv or tfrecord). Examples are dicts
+  of strings with keys `fields`.
   """
 
   def __init__(self, split_files: Dict[str, str], fields: Sequence[str],

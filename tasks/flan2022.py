@@ -1,4 +1,4 @@
-"""SeqIO registration of the FLAN 2022 mixture (flan2021, t0, niv2, cot, dialog).
+"""SeqIO registration of the FLAN 2022 mixture: flan2021, t0, niv2, cot, dialog.
 
 Registered names:
   flan2022_<submix>_<dataset>_<variant>   templated TFDS / CoT-file tasks

@@ -1,4 +1,4 @@
-"""The datasets behind the FLAN 2022 mixture: TFDS, FLAN CoT TSVs, JSONL exports.
+"""Datasets of the FLAN 2022 mixture: TFDS, FLAN CoT TSVs, JSONL exports.
 
 A representative, correct set of TFDS datasets (names and versions as TFDS
 publishes them) with templates written for this project, the seven FLAN
@@ -8,7 +8,7 @@ Nothing here touches a file or the network until a dataset is requested.
 """
 
 import dataclasses
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Tuple
 
 import seqio
 import tensorflow as tf
@@ -45,7 +45,6 @@ class FlanDataset:
   to_fields: Callable[[Mapping[str, tf.Tensor]], Fields]
   prompts: Tuple[str, ...]
   has_options: bool
-  cot: bool = False
 
   def variants(self) -> Tuple[str, ...]:
     allowed = SUBMIX_VARIANTS[self.submix]
@@ -197,8 +196,7 @@ def _cot_source(name: str) -> Callable[[], seqio.DataSource]:
 
 
 COT_DATASETS_SPECS = tuple(
-    FlanDataset(name, "cot", _cot_source(name), _cot_fields, _COT, True,
-                cot=True)
+    FlanDataset(name, "cot", _cot_source(name), _cot_fields, _COT, True)
     for name in COT_DATASETS)
 
 DATASETS = TFDS_DATASETS + COT_DATASETS_SPECS
@@ -215,6 +213,3 @@ def export_source(submix: str, variant: str) -> seqio.DataSource:
       f"FLAN 2022 export of {submix} ({variant}; JSONL with fields "
       f"{', '.join(EXPORT_FIELDS)})")
 
-
-def get(name: str) -> Optional[FlanDataset]:
-  return next((d for d in DATASETS if d.name == name), None)

@@ -10,9 +10,10 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-OPTIONS_HEADER = "\nOPTIONS:"
+# The same prompt layout as the generated mini_flan tasks.
+from tasks.mini_flan_generators import FEWSHOT_SEPARATOR, OPTIONS_HEADER
+
 OPTION_BULLET = "\n- "
-FEWSHOT_SEPARATOR = "\n\n"
 ANSWER_SEPARATOR = "\n"
 
 
