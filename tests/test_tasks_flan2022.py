@@ -266,3 +266,17 @@ def test_cot_submixture_rates_from_files(local_data):
       assert mix.get_rate(task) == min(8 + i, 10), task.name
   finally:
     gin.clear_config()
+
+
+def test_every_file_task_and_cot_mixture_pack(local_data):
+  names = [n for n in seqio.TaskRegistry.names()
+           if n.startswith("flan2022_") and ("_export_" in n or
+                                            n.startswith("flan2022_cot_"))]
+  assert len(names) == 14 + 12
+  for name in names:
+    assert _packed_batch(seqio.get_mixture_or_task(name))[
+        "encoder_segment_ids"].max() >= 1, name
+  ds = seqio.get_dataset("flan2022_cot", LENGTHS, dataset_split="train",
+                         shuffle=False, feature_converter=seqio
+                         .EncDecFeatureConverter(pack=True))
+  assert next(iter(ds.as_numpy_iterator()))["encoder_segment_ids"].max() >= 1
