@@ -1,17 +1,32 @@
 """mini_flan: determinism, independently solved targets, packed batches."""
 
+import re
+
 import numpy as np
 import pytest
 
-from tasks import mini_flan
 from tasks import mini_flan_generators as gen
+from tasks import objectives
+
+
+def _word_in(q, *patterns):
+  for pattern in patterns:
+    m = re.search(pattern, q)
+    if m:
+      return m.group(1)
+  raise AssertionError(f"no pattern of {patterns} in {q!r}")
+
+
+def _yes(flag):
+  return "yes" if flag else "no"
 
 
 def _solve(name, inputs):
   """Independent solver: parses the last prompt and computes the answer."""
-  import re
   q = inputs.split(gen.FEWSHOT_SEPARATOR)[-1].split(gen.OPTIONS_HEADER)[0]
   nums = [int(x) for x in re.findall(r"-?\d+", q)]
+  words = lambda: q.split(": ", 1)[1].split() if ": " in q else q.split(
+      ". ", 1)[1].split()
   if name == "add":
     return str(nums[0] + nums[1])
   if name == "multiply":
@@ -20,17 +35,58 @@ def _solve(name, inputs):
     a, b = re.findall(r"(\d+)", q)[:2]
     return str(int(b) - int(a)) if q.startswith("Subtract") else str(
         int(a) - int(b))
-  if name == "parity":
-    return "even" if nums[0] % 2 == 0 else "odd"
+  if name == "max_of":
+    return str(max(nums))
   if name == "sort_numbers":
     return " ".join(map(str, sorted(nums)))
   if name == "sort_descending":
     return " ".join(map(str, sorted(nums, reverse=True)))
-  if name == "max_of":
-    return str(max(nums))
   if name == "count_even":
     return str(sum(1 for x in nums if x % 2 == 0))
-  return None
+  if name == "parity":
+    return "even" if nums[0] % 2 == 0 else "odd"
+  if name == "sign":
+    return "positive" if nums[0] > 0 else "negative" if nums[0] else "zero"
+  if name == "is_sorted":
+    return _yes(nums == sorted(nums))
+  if name == "reverse_word":
+    return _word_in(q, r"Spell '(\w+)'", r"letters of (\w+)\.")[::-1]
+  if name == "uppercase":
+    return _word_in(q, r"Write '(\w+)'", r"Uppercase: (\w+)").upper()
+  if name == "drop_vowels":
+    w = _word_in(q, r"vowels from '(\w+)'", r"o, u in (\w+)\.")
+    return re.sub("[aeiou]", "", w)
+  if name == "palindrome":
+    w = _word_in(q, r"Is '(\w+)' a palindrome", r"Does (\w+) read")
+    return _yes(w == w[::-1])
+  if name == "first_letters":
+    return "".join(w[0] for w in words())
+  if name == "sort_words":
+    return " ".join(sorted(words()))
+  if name == "count_words":
+    return str(len(words()))
+  if name == "count_letter":
+    m = re.search(r"does '(\w)' occur in '(\w+)'|letter (\w) in (\w+)\.", q)
+    c, w = (m.group(1), m.group(2)) if m.group(1) else (m.group(3),
+                                                         m.group(4))
+    return str(w.count(c))
+  if name in ("lookup", "reverse_lookup"):
+    table = dict(re.findall(r"([a-z])=(\d+)", q))
+    if name == "lookup":
+      return table[_word_in(q, r"what is ([a-z])\?", r"Value of ([a-z])\?")]
+    value = _word_in(q, r"has value (\d+)\?", r"maps to (\d+)\?")
+    return next(k for k, v in table.items() if v == value)
+  if name == "location_entailment":
+    here, asked = re.findall(r"at the (\w+)", q)
+    return _yes(here == asked)
+  if name == "comparison_entailment":
+    a, x, b, y = re.search(r"(\w+) has (\d+) apples and (\w+) has (\d+)",
+                           q).groups()
+    counts = {a: int(x), b: int(y)}
+    bigger = re.search(r"(\w+) has more apples", q).group(1)
+    other = b if bigger == a else a
+    return _yes(counts[bigger] > counts[other])
+  raise AssertionError(f"no solver for {name}")
 
 
 @pytest.mark.parametrize("task", gen.TASKS, ids=lambda t: t.name)
@@ -40,17 +96,17 @@ def test_deterministic_and_targets_right(task):
   assert a == b
   c = list(gen.generate_examples(task, "test", 3, 20))
   assert a != c
-  for ex in c:
-    expected = _solve(task.name, ex["inputs"])
-    if expected is not None:
-      assert ex["targets"] == expected, ex
+  noopt = list(gen.generate_examples(task, "test", 3, 20, num_shots=2,
+                                     with_options=False))
+  for ex in a + c + noopt:
+    assert ex["targets"] == _solve(task.name, ex["inputs"]), ex
 
 
 def test_span_corruption_roundtrip():
   rng = np.random.default_rng(0)
   ids = np.arange(3, 43, dtype=np.int32)
-  mask = mini_flan.noise_mask(len(ids), rng)
-  out = mini_flan.span_corrupt_ids(ids, mask, vocab_size=259)
+  mask = objectives.noise_mask(len(ids), rng)
+  out = objectives.span_corrupt_ids(ids, mask, vocab_size=259)
   np.testing.assert_array_equal(np.sort(np.concatenate(
       [out["inputs"][out["inputs"] < 200], out["targets"][out["targets"] < 200]
        ])), ids)

@@ -35,3 +35,19 @@ def test_packed_batches(name):
   assert batch["encoder_input_tokens"].shape == (2, 64)
   assert batch["decoder_target_tokens"].shape == (2, 16)
   assert batch["encoder_segment_ids"].max() >= 1
+
+
+@pytest.mark.parametrize("name", ["mini_flan", "mini_flan_prefix_lm"])
+def test_prefix_lm_feature_converter_packs(name):
+  ds = seqio.get_dataset(
+      name, task_feature_lengths={"inputs": 64, "targets": 64},
+      dataset_split="validation", shuffle=False,
+      feature_converter=seqio.PrefixLMFeatureConverter(pack=True))
+  rows = list(ds.take(8).as_numpy_iterator())
+  assert rows[0]["decoder_target_tokens"].shape == (128,)
+  if name == "mini_flan":  # Short examples: several share a row.
+    assert max(r["decoder_segment_ids"].max() for r in rows) >= 2
+  for r in rows:
+    # Loss only on the targets part of each packed example.
+    assert 0 < r["decoder_loss_weights"].sum() < (
+        r["decoder_target_tokens"] > 0).sum()

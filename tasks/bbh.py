@@ -1,0 +1,105 @@
+"""BIG-Bench Hard (27 tasks), 3-shot direct and chain-of-thought.
+
+Files under <data_dir>/bbh in the public release layout: bbh/<task>.json
+({"examples": [{"input", "target"}]}) and cot-prompts/<task>.txt (a task
+description, a "-----" line, then three "Q: ... A: Let's think step by step.
+... So the answer is X." exemplars). Direct prompts keep each exemplar's
+question and its final answer only. Registered `bbh_<task>_{direct,cot}`
+(split test) and mixtures `bbh_direct`, `bbh_cot`; metric: exact match after
+`metrics.extract_answer`.
+"""
+
+import functools
+import json
+import os
+import re
+from typing import Dict, List, Mapping
+
+import seqio
+import tensorflow as tf
+
+from tasks import data_dir
+from tasks import metrics
+
+TASKS = (
+    "boolean_expressions", "causal_judgement", "date_understanding",
+    "disambiguation_qa", "dyck_languages", "formal_fallacies",
+    "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+    "logical_deduction_seven_objects", "logical_deduction_three_objects",
+    "movie_recommendation", "multistep_arithmetic_two", "navigate",
+    "object_counting", "penguins_in_a_table",
+    "reasoning_about_colored_objects", "ruin_names",
+    "salient_translation_error_detection", "snarks", "sports_understanding",
+    "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects",
+    "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting")
+MODES = ("direct", "cot")
+COT_TRIGGER = "Let's think step by step."
+_EXEMPLAR_ANSWER = re.compile(r"A: Let's think step by step\..*?So the answer "
+                              r"is (.*?)\.?(?=\n\nQ:|\s*$)", re.DOTALL)
+
+
+def read_examples(path: str) -> List[Dict[str, str]]:
+  with open(path, encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  rows = data.get("examples") if isinstance(data, dict) else None
+  if not isinstance(rows, list):
+    raise ValueError(f"{path}: expected {{\"examples\": [...]}}")
+  for i, r in enumerate(rows):
+    if not isinstance(r, dict) or not {"input", "target"} <= set(r):
+      raise ValueError(f"{path}: example {i} lacks input/target")
+  return [{"input": r["input"], "target": str(r["target"])} for r in rows]
+
+
+def read_cot_prompt(path: str) -> str:
+  """The exemplars of a cot-prompts file (text after the "-----" line)."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if "-----" not in text:
+    raise ValueError(f"{path}: expected a '-----' line before the exemplars")
+  return text.split("-----", 1)[1].strip()
+
+
+def direct_prompt(cot_prompt: str) -> str:
+  """The CoT exemplars with each reasoning replaced by its final answer."""
+  return _EXEMPLAR_ANSWER.sub(lambda m: f"A: {m.group(1)}", cot_prompt)
+
+
+def examples(task: str, mode: str) -> List[Dict[str, str]]:
+  cot = read_cot_prompt(data_dir.require_file(
+      os.path.join("bbh", "cot-prompts", f"{task}.txt"),
+      f"BBH chain-of-thought prompts for {task}"))
+  shots = cot if mode == "cot" else direct_prompt(cot)
+  answer = " " + COT_TRIGGER if mode == "cot" else ""
+  rows = read_examples(data_dir.require_file(
+      os.path.join("bbh", "bbh", f"{task}.json"), f"BBH examples for {task}"))
+  return [{"inputs": f"{shots}\n\nQ: {r['input']}\nA:{answer}",
+           "targets": r["target"]} for r in rows]
+
+
+def _dataset(split: str, shuffle_files: bool, seed=None, *, task: str,
+             mode: str) -> tf.data.Dataset:
+  del split, shuffle_files, seed  # Fixed order; seqio shuffles with `seed`.
+  rows = examples(task, mode)
+  return tf.data.Dataset.from_tensor_slices(
+      {k: tf.constant([r[k] for r in rows], tf.string)
+       for k in ("inputs", "targets")})
+
+
+def register(features: Mapping[str, seqio.Feature]) -> None:
+  post = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
+  for mode in MODES:
+    names = []
+    for task in TASKS:
+      name = f"bbh_{task}_{mode}"
+      seqio.TaskRegistry.add(
+          name, source=seqio.FunctionDataSource(
+              functools.partial(_dataset, task=task, mode=mode),
+              splits=("test",)),
+          preprocessors=post, output_features=features,
+          metric_fns=[metrics.extracted_exact_match])
+      names.append(name)
+    seqio.MixtureRegistry.add(f"bbh_{mode}", names, default_rate=1.0)

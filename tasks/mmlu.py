@@ -1,0 +1,120 @@
+"""MMLU (57 subjects), 0-shot and 5-shot, from the public CSV release.
+
+Files under <data_dir>/mmlu: data/{dev,val,test}/<subject>_<split>.csv,
+headerless rows question,A,B,C,D,answer. Registered tasks
+`mmlu_<subject>_{0,5}shot` (splits validation = val, test = test; shots are
+the first 5 dev rows) and mixtures `mmlu_0shot`, `mmlu_5shot`. Targets are
+the answer letter; metrics: letter accuracy on generated text, and
+`metrics.rank_classification` over the scores of `rank_examples`.
+"""
+
+import csv
+import functools
+import os
+from typing import Dict, List, Mapping
+
+import seqio
+import tensorflow as tf
+
+from tasks import data_dir
+from tasks import metrics
+
+SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics",
+    "clinical_knowledge", "college_biology", "college_chemistry",
+    "college_computer_science", "college_mathematics", "college_medicine",
+    "college_physics", "computer_security", "conceptual_physics",
+    "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology",
+    "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography",
+    "high_school_government_and_politics", "high_school_macroeconomics",
+    "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics",
+    "high_school_us_history", "high_school_world_history", "human_aging",
+    "human_sexuality", "international_law", "jurisprudence",
+    "logical_fallacies", "machine_learning", "management", "marketing",
+    "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios",
+    "nutrition", "philosophy", "prehistory", "professional_accounting",
+    "professional_law", "professional_medicine", "professional_psychology",
+    "public_relations", "security_studies", "sociology", "us_foreign_policy",
+    "virology", "world_religions")
+LETTERS = ("A", "B", "C", "D")
+SPLIT_DIRS = {"dev": "dev", "validation": "val", "test": "test"}
+SHOT_COUNTS = (0, 5)
+
+Question = Dict[str, object]  # question: str, options: [4] str, answer: str
+
+
+def read_csv(path: str) -> List[Question]:
+  """Parses one headerless MMLU CSV; ValueError names file and line."""
+  out = []
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f)
+    for row in reader:
+      if len(row) != 6 or row[5].strip() not in LETTERS:
+        raise ValueError(f"{path}:{reader.line_num}: expected question,A,B,C,"
+                         f"D,answer with answer in {LETTERS}, got {row!r}")
+      out.append({"question": row[0], "options": row[1:5],
+                  "answer": row[5].strip()})
+  return out
+
+
+def load(subject: str, split: str) -> List[Question]:
+  d = SPLIT_DIRS[split]
+  rel = os.path.join("mmlu", "data", d, f"{subject}_{d}.csv")
+  return read_csv(data_dir.require_file(rel, f"MMLU {subject} {split}"))
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+  lines = [q["question"]] + [f"{l}. {o}" for l, o in zip(LETTERS,
+                                                          q["options"])]
+  lines.append("Answer:" + (f" {q['answer']}" if with_answer else ""))
+  return "\n".join(lines)
+
+
+def prompt(subject: str, q: Question, shots: List[Question]) -> str:
+  """Header, solved shots, then the question ending in "Answer:"."""
+  header = ("The following are multiple choice questions (with answers) "
+            f"about {subject.replace('_', ' ')}.")
+  blocks = [header] + [format_question(s, True) for s in shots]
+  return "\n\n".join(blocks + [format_question(q, False)])
+
+
+def rank_examples(subject: str, q: Question, shots: List[Question]
+                  ) -> List[Dict[str, str]]:
+  """One (prompt, letter) pair per option: score each, then
+  `metrics.rank_classification(scores, [LETTERS.index(answer)])`."""
+  inputs = prompt(subject, q, shots)
+  return [{"inputs": inputs, "targets": letter} for letter in LETTERS]
+
+
+def examples(subject: str, split: str, num_shots: int) -> List[Dict[str, str]]:
+  shots = load(subject, "dev")[:num_shots] if num_shots else []
+  return [{"inputs": prompt(subject, q, shots), "targets": q["answer"]}
+          for q in load(subject, split)]
+
+
+def _dataset(split: str, shuffle_files: bool, seed=None, *, subject: str,
+             num_shots: int) -> tf.data.Dataset:
+  del shuffle_files, seed  # Fixed order; seqio shuffles with `seed`.
+  rows = examples(subject, split, num_shots)
+  return tf.data.Dataset.from_tensor_slices(
+      {k: tf.constant([r[k] for r in rows], tf.string)
+       for k in ("inputs", "targets")})
+
+
+def register(features: Mapping[str, seqio.Feature]) -> None:
+  post = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
+  for shots in SHOT_COUNTS:
+    names = []
+    for subject in SUBJECTS:
+      name = f"mmlu_{subject}_{shots}shot"
+      seqio.TaskRegistry.add(
+          name, source=seqio.FunctionDataSource(
+              functools.partial(_dataset, subject=subject, num_shots=shots),
+              splits=("validation", "test")),
+          preprocessors=post, output_features=features,
+          metric_fns=[metrics.letter_exact_match])
+      names.append(name)
+    seqio.MixtureRegistry.add(f"mmlu_{shots}shot", names, default_rate=1.0)
