@@ -151,3 +151,55 @@ def test_moe_model_class_rejects_unknown_kind():
   from moe_jax.t5x.models import moe_model_class
   with pytest.raises(ValueError, match="kind"):
     moe_model_class("encoder_only")
+
+
+def test_t5x_moe_model_adds_moe_loss_and_metrics():
+  pytest.importorskip("t5x.models")
+  import seqio
+  from t5x import adafactor
+  from t5x import models as t5x_base_models
+  from moe_jax.t5x.models import moe_model_class
+
+  config = tiny()
+  batch = random_batch(config)
+  vocab = seqio.PassThroughVocabulary(size=config.vocab_size)
+  kwargs = dict(module=T5XEncoderDecoder(config), input_vocabulary=vocab,
+                output_vocabulary=vocab,
+                optimizer_def=adafactor.Adafactor(decay_rate=0.8))
+  model = moe_model_class("encoder_decoder")(
+      aux_loss_factor=0.5, router_z_loss_factor=0.25, **kwargs)
+  dense_loss_model = t5x_base_models.EncoderDecoderModel(**kwargs)
+  params = init(model.module, batch)["params"]
+  loss, metrics = model.loss_fn(params, batch, None)
+  base_loss, _ = dense_loss_model.loss_fn(params, batch, None)
+  _, state = build_model(config).apply(
+      {"params": params}, **batch, enable_dropout=False,
+      mutable=[metric_names.INTERMEDIATES])
+  extra, expected = t5x_losses.moe_loss_and_metrics(
+      state[metric_names.INTERMEDIATES], 0.5, 0.25)
+  np.testing.assert_allclose(loss, base_loss + extra, rtol=1e-5)
+  for name, value in expected.items():
+    np.testing.assert_allclose(metrics[name].compute(), value, rtol=1e-5)
+
+
+def test_t5x_gin_files_parse(tmp_path):
+  pytest.importorskip("t5x.train")
+  import gin
+  from pathlib import Path
+  from moe_jax.t5x.models import moe_model_class
+  root = Path(__file__).resolve().parents[1]
+  prelude = tmp_path / "prelude.gin"
+  prelude.write_text("from __gin__ import dynamic_registration\n"
+                     "import seqio\n"
+                     "VOCABULARY = @seqio.ByteVocabulary()\n")
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(root))
+    gin.parse_config_files_and_bindings(
+        [str(root / "gin/models/t5_1_1_tiny_moe.gin"), str(prelude),
+         str(root / "gin/t5x/moe_model.gin"),
+         str(root / "gin/t5x/partitioning.gin")], [])
+    model = gin.query_parameter("MODEL").scoped_configurable_fn()
+    assert isinstance(model, moe_model_class("encoder_decoder"))
+  finally:
+    gin.clear_config()

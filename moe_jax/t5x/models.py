@@ -17,8 +17,6 @@ import functools
 import importlib
 from typing import Any
 
-import gin
-
 from moe_jax import metric_names
 from moe_jax.t5x.losses import moe_loss_and_metrics
 
@@ -36,6 +34,15 @@ def _require_t5x():
         "moe_jax.t5x.models needs t5x, which is installed from source: "
         "git clone https://github.com/google-research/t5x && "
         "pip install -e ./t5x") from e
+
+
+def _segment_ids(batch: Any) -> dict[str, Any]:
+  """Per-feature segment ids for T5X's packing metrics; a padding mask when
+  the batch is not packed (as T5X's own loss_fn does)."""
+  suffix = "_segment_ids"
+  ids = {k[:-len(suffix)]: v for k, v in batch.items() if k.endswith(suffix)}
+  return ids or {k: v != 0 for k, v in batch.items()
+                 if k in ("encoder_input_tokens", "decoder_target_tokens")}
 
 
 @functools.cache
@@ -84,23 +91,23 @@ def moe_model_class(kind: str) -> type:
           state.get(metric_names.INTERMEDIATES, {}), self.aux_loss_factor,
           self.router_z_loss_factor)
       loss = loss + moe_loss
-      metrics = self._compute_metrics(logits=logits, targets=targets,
-                                      mask=weights, loss=loss, z_loss=z_loss)
-      metrics.update({name: t5x_metrics.AveragePerStep(total=value)
-                      for name, value in moe_metrics.items()})
+      metrics = self._compute_metrics(
+          logits=logits, targets=targets, mask=weights, loss=loss,
+          z_loss=z_loss, segment_ids=_segment_ids(batch))
+      metrics.update({
+          name: t5x_metrics.AveragePerStep.from_model_output(value)
+          for name, value in moe_metrics.items()})
       return loss, metrics
 
   MoeModel.__name__ = MoeModel.__qualname__ = f"Moe{_BASES[kind]}"
   return MoeModel
 
 
-@gin.configurable
 def moe_encoder_decoder_model(**kwargs):
-  """gin entry point: an MoE `EncoderDecoderModel` built with kwargs."""
+  """An MoE `EncoderDecoderModel(**kwargs)`; gin/t5x/ binds it as MODEL."""
   return moe_model_class("encoder_decoder")(**kwargs)
 
 
-@gin.configurable
 def moe_decoder_only_model(**kwargs):
-  """gin entry point: an MoE `DecoderOnlyModel` built with kwargs."""
+  """An MoE `DecoderOnlyModel(**kwargs)`, for gin like the above."""
   return moe_model_class("decoder_only")(**kwargs)

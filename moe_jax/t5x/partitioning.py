@@ -8,8 +8,6 @@ axis, and tokens reach their experts through XLA's all-to-all.
 
 from __future__ import annotations
 
-import gin
-
 from moe_jax.partitioning import LogicalRules, logical_axis_rules
 
 T5X_MESH_AXES = ("data", "model")
@@ -24,7 +22,6 @@ def _to_t5x_axis(axis):
   return "data" if axis == "expert" else axis
 
 
-@gin.configurable
 def t5x_logical_axis_rules(fsdp: bool = False) -> LogicalRules:
   """moe_jax's logical rules with the `expert` mesh axis folded into `data`.
 
