@@ -30,6 +30,8 @@ setuptools.setup(
             "pytest-xdist>=3",
             "hypothesis>=6",
             "scipy>=1.11",
+            "transformers",
+            "torch",
         ],
     },
 )
