@@ -35,6 +35,8 @@ setuptools.setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "transformers>=4.40",
+            "torch>=2.2",
         ],
     },
 )

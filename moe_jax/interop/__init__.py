@@ -1,0 +1,1 @@
+"""Weight import / export between moe_jax and other libraries."""

@@ -1,0 +1,113 @@
+"""T5X model classes that add the MoE losses and report routing metrics.
+
+Needs t5x (installed from source). The classes are built on first use so
+that `import moe_jax.t5x.models` works without t5x:
+
+  MoeEncoderDecoderModel = moe_model_class("encoder_decoder")
+  model = MoeEncoderDecoderModel(module=T5XEncoderDecoder(config), ...,
+                                 aux_loss_factor=0.01,
+                                 router_z_loss_factor=1e-4)
+
+gin/t5x/ binds these through `moe_jax.t5x.models.moe_encoder_decoder_model`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+from moe_jax import metric_names
+from moe_jax.t5x.losses import moe_loss_and_metrics
+
+_BASES = {"encoder_decoder": "EncoderDecoderModel",
+          "decoder_only": "DecoderOnlyModel"}
+
+
+def _require_t5x():
+  try:
+    return (importlib.import_module("t5x.models"),
+            importlib.import_module("t5x.losses"),
+            importlib.import_module("t5x.metrics"))
+  except ImportError as e:
+    raise ImportError(
+        "moe_jax.t5x.models needs t5x, which is installed from source: "
+        "git clone https://github.com/google-research/t5x && "
+        "pip install -e ./t5x") from e
+
+
+def _segment_ids(batch: Any) -> dict[str, Any]:
+  """Per-feature segment ids for T5X's packing metrics; a padding mask when
+  the batch is not packed (as T5X's own loss_fn does)."""
+  suffix = "_segment_ids"
+  ids = {k[:-len(suffix)]: v for k, v in batch.items() if k.endswith(suffix)}
+  return ids or {k: v != 0 for k, v in batch.items()
+                 if k in ("encoder_input_tokens", "decoder_target_tokens")}
+
+
+@functools.cache
+def moe_model_class(kind: str) -> type:
+  """Subclass of T5X's `EncoderDecoderModel` or `DecoderOnlyModel`.
+
+  Its `loss_fn` is T5X's (weighted cross-entropy with T5X's z-loss, label
+  smoothing and loss normalization) plus aux_loss_factor * mean auxiliary
+  loss + router_z_loss_factor * mean router z-loss over sparse layers, and
+  its metrics add `experts/<name>` for each scalar in
+  `metric_names.SCALAR_METRICS`.
+
+  Args:
+    kind: "encoder_decoder" or "decoder_only".
+  """
+  if kind not in _BASES:
+    raise ValueError(f"kind must be one of {sorted(_BASES)}; got {kind!r}")
+  t5x_models, t5x_losses, t5x_metrics = _require_t5x()
+  base = getattr(t5x_models, _BASES[kind])
+
+  class MoeModel(base):
+    """T5X model that trains the MoE routing losses too."""
+
+    def __init__(self, *args, aux_loss_factor: float = 0.01,
+                 router_z_loss_factor: float = 1e-4, **kwargs):
+      for knob, value in (("aux_loss_factor", aux_loss_factor),
+                          ("router_z_loss_factor", router_z_loss_factor)):
+        if value < 0:
+          raise ValueError(f"{knob} must be >= 0; got {value}")
+      self.aux_loss_factor = aux_loss_factor
+      self.router_z_loss_factor = router_z_loss_factor
+      super().__init__(*args, **kwargs)
+
+    def loss_fn(self, params: Any, batch: Any,
+                dropout_rng: Any) -> tuple[Any, Any]:
+      logits, state = self._compute_logits(
+          params, batch, dropout_rng, mutable=[metric_names.INTERMEDIATES])
+      factor, weights = t5x_losses.get_loss_normalizing_factor_and_weights(
+          self._loss_normalizing_factor, batch)
+      targets = batch["decoder_target_tokens"]
+      loss, z_loss, _ = t5x_losses.compute_weighted_cross_entropy(
+          logits, targets=targets, weights=weights,
+          label_smoothing=self._label_smoothing, z_loss=self._z_loss,
+          loss_normalizing_factor=factor)
+      moe_loss, moe_metrics = moe_loss_and_metrics(
+          state.get(metric_names.INTERMEDIATES, {}), self.aux_loss_factor,
+          self.router_z_loss_factor)
+      loss = loss + moe_loss
+      metrics = self._compute_metrics(
+          logits=logits, targets=targets, mask=weights, loss=loss,
+          z_loss=z_loss, segment_ids=_segment_ids(batch))
+      metrics.update({
+          name: t5x_metrics.AveragePerStep.from_model_output(value)
+          for name, value in moe_metrics.items()})
+      return loss, metrics
+
+  MoeModel.__name__ = MoeModel.__qualname__ = f"Moe{_BASES[kind]}"
+  return MoeModel
+
+
+def moe_encoder_decoder_model(**kwargs):
+  """An MoE `EncoderDecoderModel(**kwargs)`; gin/t5x/ binds it as MODEL."""
+  return moe_model_class("encoder_decoder")(**kwargs)
+
+
+def moe_decoder_only_model(**kwargs):
+  """An MoE `DecoderOnlyModel(**kwargs)`, for gin like the above."""
+  return moe_model_class("decoder_only")(**kwargs)

@@ -1,0 +1,67 @@
+"""Hugging Face T5 v1.1 import / export: logits equal HF's; round trip."""
+
+import jax
+import numpy as np
+import pytest
+
+from moe_jax.interop import hf_t5
+from moe_jax.models import build_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model():
+  torch.manual_seed(0)
+  config = transformers.T5Config(
+      vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+      num_decoder_layers=3, num_heads=3, relative_attention_num_buckets=8,
+      relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+      dropout_rate=0.0)
+  config.tie_word_embeddings = False   # T5 v1.1 (some versions drop the kwarg)
+  config.scale_decoder_outputs = False
+  model = transformers.T5ForConditionalGeneration(config).eval()
+  with torch.no_grad():   # norms away from 1 so a mis-mapped scale shows
+    for name, p in model.named_parameters():
+      if "layer_norm" in name:
+        p.uniform_(0.5, 1.5)
+    # Released T5 v1.1 checkpoints share one input embedding; some
+    # transformers versions untie the stacks' copies when building.
+    for stack in (model.encoder, model.decoder):
+      stack.embed_tokens.weight.copy_(model.shared.weight)
+  return model
+
+
+def test_logits_equal_hf_and_round_trip():
+  model = hf_model()
+  config = hf_t5.config_from_hf(model.config)
+  params = hf_t5.import_t5(model.state_dict(), config)
+  rng = np.random.default_rng(0)
+  enc = rng.integers(1, 40, (2, 11)).astype(np.int32)
+  dec_in = np.concatenate([np.zeros((2, 1), np.int32),
+                           rng.integers(1, 40, (2, 6)).astype(np.int32)], 1)
+  dec_tgt = rng.integers(1, 40, (2, 7)).astype(np.int32)
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(enc, dtype=torch.long),
+                     decoder_input_ids=torch.tensor(dec_in, dtype=torch.long)
+                     ).logits.numpy()
+  ours = jax.jit(lambda p: build_model(config).apply(
+      {"params": p}, enc, dec_in, dec_tgt, enable_dropout=False).logits)(
+          params)
+  np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+  exported = hf_t5.export_t5(params, config)
+  original = model.state_dict()
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
+                               atol=1e-6, err_msg=key)
+
+
+def test_rejects_tied_or_relu_configs():
+  with pytest.raises(ValueError, match="feed_forward_proj"):
+    hf_t5.config_from_hf(transformers.T5Config(feed_forward_proj="relu"))
+  with pytest.raises(ValueError, match="tie_word_embeddings"):
+    config = transformers.T5Config(feed_forward_proj="gated-gelu")
+    config.tie_word_embeddings = True
+    hf_t5.config_from_hf(config)
