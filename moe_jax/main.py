@@ -68,10 +68,12 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def _configured(args: argparse.Namespace, bindings: list[str]):
-  """Starts the process group, parses gin, registers the tasks."""
+  """Starts the process group, registers the tasks, parses gin."""
   distributed.initialize(args.distributed)
-  gin_utils.parse(args.gin_file, bindings)
+  # Before parsing: the task modules define gin knobs (vocabulary, data
+  # directory) that they read only when a dataset is built.
   import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+  gin_utils.parse(args.gin_file, bindings)
   from moe_jax.train import run
   return run.configured_run()
 
