@@ -61,3 +61,19 @@ def rank_classification(option_scores: Sequence[Sequence[float]],
   """
   hits = [int(np.argmax(s)) == y for s, y in zip(option_scores, labels)]
   return {"rank_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
+
+
+def option_rank_accuracy(targets: Sequence[tuple[int, bool]],
+                         scores: Sequence[float]) -> Dict[str, float]:
+  """Rank classification from one scored row per (example, option).
+
+  targets: (example index, whether this row's option is correct) per row.
+  scores: the log-likelihood of each row's option.
+  An example counts as right when its highest-scoring option is correct.
+  """
+  best: Dict[int, tuple[float, bool]] = {}
+  for (idx, correct), score in zip(targets, scores):
+    if idx not in best or score > best[idx][0]:
+      best[idx] = (score, bool(correct))
+  hits = [correct for _, correct in best.values()]
+  return {"rank_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}

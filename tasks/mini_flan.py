@@ -4,8 +4,12 @@ Registered names (see tasks/README.md):
   mini_flan_<task>_zs            zero-shot, options block where the task has one
   mini_flan_<task>_zs_noopt      zero-shot without options (option tasks only)
   mini_flan_<task>_fs            few-shot (NUM_SHOTS solved examples first)
+  mini_flan_<task>_rank          zero-shot rank classification (option tasks):
+                                 one scored row per option, `rank_accuracy`
   mixtures: mini_flan, mini_flan_<cluster>, mini_flan_train_without_<cluster>,
-            mini_flan_eval_<cluster> (zero-shot variants of the held-out cluster)
+            mini_flan_eval_<cluster> (zero-shot variants of the held-out
+            cluster), mini_flan_eval_options (every option task, generated
+            answers and rank classification)
   mini_flan_span_corruption, mini_flan_prefix_lm  (pre-training corpus)
 """
 
@@ -46,6 +50,34 @@ def _text_dataset(split: str, shuffle_files: bool, seed: Optional[int] = None,
   })
 
 
+def _option_rows(split: str, shuffle_files: bool, seed: Optional[int] = None,
+                 *, task: gen.GenTask, data_seed: int,
+                 sizes: Mapping[str, int]) -> tf.data.Dataset:
+  """The zero-shot examples of an option task, one row per option, with the
+  example's index `idx` and whether the row's option `is_correct`."""
+  del shuffle_files, seed
+  rows = {"inputs": [], "targets": [], "idx": [], "is_correct": []}
+  examples = gen.generate_examples(task, split, data_seed, sizes[split])
+  for idx, example in enumerate(examples):
+    for option in example["options"]:
+      rows["inputs"].append(example["inputs"])
+      rows["targets"].append(option)
+      rows["idx"].append(idx)
+      rows["is_correct"].append(option == example["targets"])
+  return tf.data.Dataset.from_tensor_slices(rows)
+
+
+def _option_row_target(text, example=None, is_target=False):
+  """Targets of rank tasks become (example index, is correct) pairs."""
+  if is_target:
+    return int(example["idx"]), bool(example["is_correct"])
+  return text
+
+
+def rank_task_name(task: gen.GenTask) -> str:
+  return f"mini_flan_{task.name}_rank"
+
+
 def instruction_task_names(task: gen.GenTask) -> Dict[str, str]:
   """Variant -> registered task name for one generated task."""
   names = {"zs": f"mini_flan_{task.name}_zs", "fs": f"mini_flan_{task.name}_fs"}
@@ -62,7 +94,7 @@ def register(seed: int = DEFAULT_SEED,
   preprocessors = [seqio.preprocessors.tokenize,
                    seqio.CacheDatasetPlaceholder(),
                    seqio.preprocessors.append_eos_after_trim]
-  all_names, by_cluster, zs_by_cluster = [], {}, {}
+  all_names, by_cluster, zs_by_cluster, option_evals = [], {}, {}, []
   for task in gen.TASKS:
     for variant, name in instruction_task_names(task).items():
       fn = functools.partial(
@@ -79,6 +111,18 @@ def register(seed: int = DEFAULT_SEED,
       by_cluster.setdefault(task.cluster, []).append(name)
       if variant != "fs":
         zs_by_cluster.setdefault(task.cluster, []).append(name)
+    if task.has_options:
+      seqio.TaskRegistry.add(
+          rank_task_name(task),
+          source=seqio.FunctionDataSource(
+              functools.partial(_option_rows, task=task, data_seed=seed,
+                                sizes=split_sizes), splits=gen.SPLITS),
+          preprocessors=preprocessors,
+          output_features=features,
+          postprocess_fn=_option_row_target,
+          metric_fns=[metrics.option_rank_accuracy])
+      option_evals += [instruction_task_names(task)["zs"],
+                       rank_task_name(task)]
   seqio.MixtureRegistry.add("mini_flan", all_names, default_rate=1.0)
   for cluster in gen.CLUSTERS:
     seqio.MixtureRegistry.add(f"mini_flan_{cluster}", by_cluster[cluster],
@@ -89,6 +133,8 @@ def register(seed: int = DEFAULT_SEED,
         default_rate=1.0)
     seqio.MixtureRegistry.add(f"mini_flan_eval_{cluster}",
                               zs_by_cluster[cluster], default_rate=1.0)
+  seqio.MixtureRegistry.add("mini_flan_eval_options", option_evals,
+                            default_rate=1.0)
   _register_pretraining(seed, features)
 
 

@@ -281,7 +281,8 @@ def example_rng(seed: int, task: str, split: str, index: int) -> random.Random:
 def generate_examples(task: GenTask, split: str, seed: int, num_examples: int,
                       num_shots: int = 0,
                       with_options: bool = True) -> Iterator[Dict[str, str]]:
-  """Yields `{"inputs", "targets"}` text examples of one task and split.
+  """Yields `{"inputs", "targets"}` text examples of one task and split
+  (plus `"options"`, a tuple of str, for tasks with options).
 
   Each example picks its template from its own rng. With `num_shots > 0` the
   prompt starts with that many solved examples of the same task and split
@@ -305,9 +306,12 @@ def generate_examples(task: GenTask, split: str, seed: int, num_examples: int,
       f = task.generate(shot_rng)
       shots.append(f"{render(f, template, with_options)}\n{f['answer']}")
     fields = task.generate(rng)
-    yield {"inputs": FEWSHOT_SEPARATOR.join(
+    example = {"inputs": FEWSHOT_SEPARATOR.join(
         shots + [render(fields, template, with_options)]),
-           "targets": str(fields["answer"])}
+               "targets": str(fields["answer"])}
+    if task.has_options:
+      example["options"] = tuple(fields["options"])
+    yield example
 
 
 def pretraining_corpus(seed: int, split: str,

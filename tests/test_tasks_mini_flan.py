@@ -110,3 +110,40 @@ def test_span_corruption_roundtrip():
   np.testing.assert_array_equal(np.sort(np.concatenate(
       [out["inputs"][out["inputs"] < 200], out["targets"][out["targets"] < 200]
        ])), ids)
+
+
+def _rank_accuracy(task_name, score):
+  """Runs seqio's evaluator on a rank task with `score(row) -> float`."""
+  seqio = pytest.importorskip("seqio")
+  import tasks  # noqa: F401  (registers mini_flan)
+  evaluator = seqio.Evaluator(
+      task_name, seqio.EncDecFeatureConverter(pack=False),
+      eval_split="validation", sequence_length={"inputs": 64, "targets": 8},
+      use_memory_cache=False, async_compute_metrics=False)
+  task = seqio.get_mixture_or_task(task_name)
+  rows = list(task.get_dataset({"inputs": 64, "targets": 8},
+                               split="validation", shuffle=False,
+                               try_in_mem_cache=False).as_numpy_iterator())
+
+  def score_fn(dataset, model_feature_shapes=None):
+    del model_feature_shapes
+    return [(int(i), score(rows[int(i)])) for i, _ in dataset]
+
+  future, _ = evaluator.evaluate(compute_metrics=True, step=0,
+                                 predict_fn=None, score_fn=score_fn)
+  return future.result()[task_name]["rank_accuracy"], rows
+
+
+def test_rank_task_scores_every_option_of_an_example():
+  oracle, rows = _rank_accuracy("mini_flan_sign_rank",
+                                lambda r: float(r["is_correct"]))
+  assert oracle == 100.0
+  examples = {int(r["idx"]) for r in rows}
+  assert len(rows) == 3 * len(examples)  # positive, negative, zero
+  assert sum(r["is_correct"] for r in rows) == len(examples)
+
+  # Always picking "zero" is right only for the examples whose sign is zero.
+  zero, _ = _rank_accuracy("mini_flan_sign_rank",
+                           lambda r: float(r["targets_pretokenized"] == b"zero"))
+  truth = [r["targets_pretokenized"] for r in rows if r["is_correct"]]
+  assert zero == pytest.approx(100.0 * truth.count(b"zero") / len(examples))
