@@ -69,20 +69,31 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
 
 
 def group_shape(num_tokens: int, max_group_size: int,
-                pad_to_group_size: bool) -> tuple[int, int]:
+                pad_to_group_size: bool,
+                group_multiple: int = 1) -> tuple[int, int]:
   """(G, S) for `num_tokens` tokens: S = min(num_tokens, max_group_size).
 
-  When S does not divide the tokens, the last group is padded (if
-  `pad_to_group_size`) or a ValueError names the knob.
+  With `group_multiple` m (the devices the groups split over), G is rounded
+  up to a multiple of m and S shrinks to ceil(num_tokens / G) where that
+  rounding changed G. When G * S exceeds the tokens, the last group is
+  padded (if `pad_to_group_size`) or a ValueError names the knob.
   """
   if max_group_size < 1:
     raise ValueError(f"max_group_size must be >= 1; got {max_group_size}")
+  if group_multiple < 1:
+    raise ValueError(f"group_multiple must be >= 1; got {group_multiple}")
   group_size = min(num_tokens, max_group_size)
-  if num_tokens % group_size and not pad_to_group_size:
+  num_groups = math.ceil(num_tokens / group_size)
+  if num_groups % group_multiple:
+    num_groups = math.ceil(num_groups / group_multiple) * group_multiple
+    group_size = math.ceil(num_tokens / num_groups)
+  if num_groups * group_size != num_tokens and not pad_to_group_size:
     raise ValueError(
-        f"max_group_size={max_group_size} does not divide the {num_tokens} "
-        "tokens of the batch; choose a divisor or set pad_to_group_size=True")
-  return math.ceil(num_tokens / group_size), group_size
+        f"{num_groups} groups of at most max_group_size={max_group_size} "
+        f"tokens do not split the {num_tokens} tokens of the batch evenly; "
+        "choose another max_group_size or batch, or set "
+        "pad_to_group_size=True")
+  return num_groups, group_size
 
 
 def group_tokens(x: Array, num_groups: int, group_size: int) -> Array:

@@ -62,6 +62,15 @@ def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
   return mesh
 
 
+def group_shards() -> int:
+  """data * expert size of the context mesh (1 without one): the token
+  groups of an expert-parallel layer must split evenly over them."""
+  mesh = context_mesh()
+  if mesh.empty or not {DATA, EXPERT} <= set(mesh.axis_names):
+    return 1
+  return mesh.shape[DATA] * mesh.shape[EXPERT]
+
+
 def check_mesh(num_experts: int, num_groups: int, hidden_dim: int
                 ) -> tuple[jax.sharding.Mesh | jax.sharding.AbstractMesh, int]:
   """The context mesh and its expert axis size, after checking divisibility.
@@ -84,8 +93,7 @@ def check_mesh(num_experts: int, num_groups: int, hidden_dim: int
   if num_groups % shards:
     raise ValueError(
         f"expert_parallel=True: the {num_groups} token groups do not split "
-        f"over data * expert = {shards} devices; change the batch or "
-        "max_group_size")
+        f"over data * expert = {shards} devices")
   if hidden_dim % mesh.shape[MODEL]:
     raise ValueError(
         f"expert_parallel=True: expert_hidden_dim={hidden_dim} is not "

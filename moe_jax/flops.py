@@ -58,7 +58,15 @@ def _part(path: str) -> str:
 
 
 def abstract_params(config: TransformerConfig) -> dict:
-  """The parameter tree of `config` as ShapeDtypeStructs (no memory)."""
+  """The parameter tree of `config` as ShapeDtypeStructs (no memory).
+
+  Traced without a mesh, so the shard_map expert-parallel path (which needs
+  one, and has the same parameters) is swapped for the single-device one.
+  """
+  config = dataclasses.replace(config, **{
+      stack: dataclasses.replace(moe, expert_parallel=False)
+      for stack in ("encoder_moe", "decoder_moe")
+      if (moe := getattr(config, stack)) is not None})
   model = build_model(config)
   batch = dummy_batch(config, 1, 8, 8)
   shapes = jax.eval_shape(lambda: model.init(

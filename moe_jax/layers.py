@@ -32,7 +32,8 @@ from moe_jax import capture, knobs, metric_names
 from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
                               expert_capacity, group_shape, group_tokens,
                               scatter_dispatch)
-from moe_jax.expert_parallel import check_mesh, expert_parallel_dispatch
+from moe_jax.expert_parallel import (check_mesh, expert_parallel_dispatch,
+                                     group_shards)
 from moe_jax.experts import Activation, Experts
 from moe_jax.routing import Router, TokenChoice
 
@@ -76,7 +77,9 @@ class MoeLayer(nn.Module):
     train_capacity_factor: capacity factor when deterministic=False.
     eval_capacity_factor: capacity factor when deterministic=True.
     min_expert_capacity: lower bound on C.
-    max_group_size: at most this many tokens route together (S).
+    max_group_size: at most this many tokens route together (S). With
+      expert_parallel the number of groups G is rounded up to a multiple of
+      the mesh's data * expert devices (and S shrinks to match).
     pad_to_group_size: pad the last group when S does not divide B * L;
       otherwise that is an error.
     activation: expert `Activation`.
@@ -198,8 +201,9 @@ class MoeLayer(nn.Module):
     elif padding_mask.shape != (batch, length):
       raise ValueError(f"padding_mask must have shape {(batch, length)}; got "
                        f"{padding_mask.shape}")
-    num_groups, group_size = group_shape(batch * length, self.max_group_size,
-                                         self.pad_to_group_size)
+    num_groups, group_size = group_shape(
+        batch * length, self.max_group_size, self.pad_to_group_size,
+        group_multiple=group_shards() if self.expert_parallel else 1)
     group = functools.partial(group_tokens, num_groups=num_groups,
                               group_size=group_size)
     tokens = group(x.reshape(-1, width))

@@ -30,6 +30,13 @@ def test_group_shape():
   assert dispatch.group_shape(20, 8, True) == (3, 8)
   with pytest.raises(ValueError, match="max_group_size=8"):
     dispatch.group_shape(20, 8, False)
+  # Groups split over 8 devices: G rounds up to a multiple of 8, S shrinks.
+  assert dispatch.group_shape(256, 4096, False, group_multiple=8) == (8, 32)
+  assert dispatch.group_shape(48, 16, False, group_multiple=4) == (4, 12)
+  assert dispatch.group_shape(64, 8, False, group_multiple=4) == (8, 8)
+  assert dispatch.group_shape(20, 8, True, group_multiple=8) == (8, 3)
+  with pytest.raises(ValueError, match="pad_to_group_size"):
+    dispatch.group_shape(20, 8, False, group_multiple=8)
 
 
 def test_group_tokens_pads_with_zeros():
