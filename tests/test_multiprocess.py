@@ -1,6 +1,7 @@
 """Multi-host behaviour on one machine: data shards per process, and a real
 2-process job (launch/local.py, CPU collectives) that checkpoints, restarts
-and matches a 1-process run on the same 8-device mesh."""
+and matches a 1-process run on the same 8-device mesh, with expert
+parallelism across the two processes."""
 
 import json
 import os
@@ -16,9 +17,11 @@ from moe_jax.train.data import BatchStream, DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The embedded default, shrunk: 8 experts over expert=4, data=2 (8 devices).
+# The embedded default, shrunk: 8 experts over expert=4, data=2 (8 devices),
+# the MoE layers expert-parallel inside shard_map.
 RUN_FLAGS = (
     "--gin_file=gin/runs/mini_flan_cpu.gin",
+    "--gin_file=gin/partitioning/expert_parallel_shard_map.gin",
     "--gin.BATCH_SIZE=8",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
     "--gin.EVAL_MIXTURE=None",
