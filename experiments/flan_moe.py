@@ -30,11 +30,9 @@ table and plots (`experiments.report`) in `report_dir`.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import gin
@@ -75,8 +73,6 @@ def run_experiment(config: ExperimentConfig) -> list[dict]:
     with context.Pool(config.workers, initializer=jobs.init_worker,
                       initargs=(config,)) as pool:
       rows += pool.starmap(jobs.run_job, tasks, chunksize=1)
-  (Path(config.out_dir) / "results.jsonl").write_text(
-      "".join(json.dumps(r) + "\n" for r in rows))
   return rows
 
 

@@ -28,6 +28,7 @@ from moe_jax import flops
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
+from moe_jax.train.metrics_log import METRICS_FILE
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.optimizers import OptimizerConfig
 
@@ -136,6 +137,14 @@ def evaluate(config: ExperimentConfig, model, job: Job, params) -> dict:
   return out
 
 
+def _final_cross_entropy(model_dir: Path) -> float:
+  """Mean training cross entropy over the last 10% of steps, from the
+  run's metrics log (so a resumed run reports its whole history)."""
+  lines = (model_dir / METRICS_FILE).read_text().splitlines()
+  values = [json.loads(line)["cross_entropy"] for line in lines]
+  return float(np.mean(values[-max(len(values) // 10, 1):]))
+
+
 def run_job(config: ExperimentConfig, models: Models, job: Job) -> dict:
   """Trains and / or evaluates `job`; its result row (reused if written)."""
   path = Path(config.out_dir) / "results" / f"{job.name}.json"
@@ -145,11 +154,8 @@ def run_job(config: ExperimentConfig, models: Models, job: Job) -> dict:
   model = _with_eval_capacity(models[job.model][0], job.eval_capacity_factor)
   train_loss = None
   if job.train:
-    result = run_lib.train(build_run(config, models, job))
-    params = result.state.params
-    tail = result.history[-max(len(result.history) // 10, 1):]
-    if tail:
-      train_loss = float(np.mean([h["cross_entropy"] for h in tail]))
+    params = run_lib.train(build_run(config, models, job)).state.params
+    train_loss = _final_cross_entropy(_model_dir(config, job))
   else:
     params = run_lib.restore_params(str(_model_dir(config, job.init_from)))
   counts = flops.count(model, config.instruct_lengths["inputs"],
