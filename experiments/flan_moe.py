@@ -41,6 +41,7 @@ from experiments import jobs, plan, report
 from experiments.config import ExperimentConfig
 from moe_jax import gin_utils
 
+
 def main(argv: Sequence[str]) -> int:
   bindings, rest = gin_utils.split_gin_flags(argv)
   files = [a.split("=", 1)[1] for a in rest if a.startswith("--gin_file=")]
@@ -66,13 +67,13 @@ def run_experiment(config: ExperimentConfig) -> list[dict]:
   rows = []
   context = multiprocessing.get_context("spawn")
   for phase in phases:
-    tasks = [(config, models, job) for job in phase]
+    calls = [(config, models, job) for job in phase]
     if config.workers == 1:
-      rows += [jobs.run_job(*t) for t in tasks]
+      rows += [jobs.run_job(*call) for call in calls]
       continue
     with context.Pool(config.workers, initializer=jobs.init_worker,
                       initargs=(config,)) as pool:
-      rows += pool.starmap(jobs.run_job, tasks, chunksize=1)
+      rows += pool.starmap(jobs.run_job, calls, chunksize=1)
   return rows
 
 

@@ -143,14 +143,14 @@ def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
     height = 0.8 / len(columns)
     for i, column in enumerate(columns):
       ax.barh(np.arange(len(labels)) + i * height,
-              [values[l].get(column, np.nan) for l in labels], height,
+              [values[label].get(column, np.nan) for label in labels], height,
               label=column)
     ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2)
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
     ax.set_xlabel("exact match (%), one seed")
     ax.set_title(f"ablations, held-out cluster: {cluster}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
