@@ -63,7 +63,7 @@ def register(seed: int = DEFAULT_SEED,
   preprocessors = [seqio.preprocessors.tokenize,
                    seqio.CacheDatasetPlaceholder(),
                    seqio.preprocessors.append_eos_after_trim]
-  all_names, by_cluster, zs_by_cluster, fs_by_cluster = [], {}, {}, {}
+  all_names, by_cluster, zs_by_cluster = [], {}, {}
   for task in gen.TASKS:
     for variant, name in instruction_task_names(task).items():
       fn = functools.partial(
@@ -78,8 +78,8 @@ def register(seed: int = DEFAULT_SEED,
           metric_fns=[metrics.exact_match])
       all_names.append(name)
       by_cluster.setdefault(task.cluster, []).append(name)
-      variants = fs_by_cluster if variant == "fs" else zs_by_cluster
-      variants.setdefault(task.cluster, []).append(name)
+      if variant != "fs":
+        zs_by_cluster.setdefault(task.cluster, []).append(name)
   seqio.MixtureRegistry.add("mini_flan", all_names, default_rate=1.0)
   for cluster in gen.CLUSTERS:
     seqio.MixtureRegistry.add(f"mini_flan_{cluster}", by_cluster[cluster],
@@ -90,8 +90,10 @@ def register(seed: int = DEFAULT_SEED,
         default_rate=1.0)
     seqio.MixtureRegistry.add(f"mini_flan_eval_{cluster}",
                               zs_by_cluster[cluster], default_rate=1.0)
-    seqio.MixtureRegistry.add(f"mini_flan_eval_fs_{cluster}",
-                              fs_by_cluster[cluster], default_rate=1.0)
+    seqio.MixtureRegistry.add(
+        f"mini_flan_eval_fs_{cluster}",
+        [n for n in by_cluster[cluster] if n not in zs_by_cluster[cluster]],
+        default_rate=1.0)
   _register_pretraining(seed, features)
 
 
