@@ -5,8 +5,7 @@ Registered names (see tasks/README.md):
   mini_flan_<task>_zs_noopt      zero-shot without options (option tasks only)
   mini_flan_<task>_fs            few-shot (NUM_SHOTS solved examples first)
   mixtures: mini_flan, mini_flan_<cluster>, mini_flan_train_without_<cluster>,
-            mini_flan_eval_<cluster> (zero-shot variants of the held-out cluster),
-            mini_flan_eval_fs_<cluster> (its few-shot variants)
+            mini_flan_eval_<cluster> (zero-shot variants of the held-out cluster)
   mini_flan_span_corruption, mini_flan_prefix_lm  (pre-training corpus)
 """
 
