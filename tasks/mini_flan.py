@@ -81,6 +81,10 @@ def register(seed: int = DEFAULT_SEED,
         zs_by_cluster.setdefault(task.cluster, []).append(name)
   seqio.MixtureRegistry.add("mini_flan", all_names, default_rate=1.0)
   for cluster in gen.CLUSTERS:
+    seqio.MixtureRegistry.add(  # the few-shot variants of a held-out cluster
+        f"mini_flan_eval_fs_{cluster}",
+        [n for n in by_cluster[cluster] if n.endswith("_fs")],
+        default_rate=1.0)
     seqio.MixtureRegistry.add(f"mini_flan_{cluster}", by_cluster[cluster],
                               default_rate=1.0)
     seqio.MixtureRegistry.add(
@@ -89,10 +93,6 @@ def register(seed: int = DEFAULT_SEED,
         default_rate=1.0)
     seqio.MixtureRegistry.add(f"mini_flan_eval_{cluster}",
                               zs_by_cluster[cluster], default_rate=1.0)
-    seqio.MixtureRegistry.add(
-        f"mini_flan_eval_fs_{cluster}",
-        [n for n in by_cluster[cluster] if n not in zs_by_cluster[cluster]],
-        default_rate=1.0)
   _register_pretraining(seed, features)
 
 
