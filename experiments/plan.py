@@ -8,6 +8,7 @@ from typing import Optional
 from experiments.config import ExperimentConfig
 from experiments.variants import ModelSpec
 
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One training stage (or evaluation only) of one model and seed.
