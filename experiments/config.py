@@ -11,7 +11,6 @@ import gin
 
 from experiments.variants import ModelSpec
 
-
 PRETRAIN_TASK = "mini_flan_span_corruption"
 # Routing-loss ablation: (aux_loss_factor, router_z_loss_factor).
 AUX_LOSSES = {"load_balancing": (0.01, 0.0), "router_z": (0.0, 0.001),
