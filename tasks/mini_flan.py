@@ -125,6 +125,10 @@ def register(seed: int = DEFAULT_SEED,
                        rank_task_name(task)]
   seqio.MixtureRegistry.add("mini_flan", all_names, default_rate=1.0)
   for cluster in gen.CLUSTERS:
+    seqio.MixtureRegistry.add(  # the few-shot variants of a held-out cluster
+        f"mini_flan_eval_fs_{cluster}",
+        [n for n in by_cluster[cluster] if n.endswith("_fs")],
+        default_rate=1.0)
     seqio.MixtureRegistry.add(f"mini_flan_{cluster}", by_cluster[cluster],
                               default_rate=1.0)
     seqio.MixtureRegistry.add(

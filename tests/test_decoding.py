@@ -143,3 +143,29 @@ def test_decoding_a_real_model_with_its_cache():
     row = np.asarray(out[b])
     end = (list(row).index(1) + 1) if 1 in row else length
     np.testing.assert_array_equal(row[:end], argmax[b, :end])
+
+
+def test_evaluator_decoding_from_a_zero_filled_cache():
+  """The evaluator builds the cache abstractly and zero-fills it; greedy
+  decoding must still follow the teacher-forced argmax path."""
+  from moe_jax.train.evaluation import ModelFns
+  config = TransformerConfig(
+      vocab_size=20, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
+      num_encoder_layers=2, num_decoder_layers=2)
+  length = 6
+  fns = ModelFns(config, "enc_dec", length)
+  inputs = np.array([[5, 6, 7, 1], [8, 9, 1, 0]], np.int32)
+  dummy = np.zeros((2, length), np.int32)
+  params = fns.model.init(jax.random.PRNGKey(1), inputs, dummy, dummy,
+                          enable_dropout=False)["params"]
+  out = np.asarray(fns.predict_batch(params,
+                                     {"encoder_input_tokens": inputs}))
+  decoder_inputs = np.concatenate([np.zeros((2, 1), np.int32), out[:, :-1]],
+                                  axis=1)
+  logits = fns.model.apply({"params": params}, inputs, decoder_inputs,
+                           np.ones_like(decoder_inputs),
+                           enable_dropout=False).logits
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  for b in range(2):
+    end = (list(out[b]).index(1) + 1) if 1 in out[b] else length
+    np.testing.assert_array_equal(out[b, :end], argmax[b, :end])

@@ -238,7 +238,10 @@ class Stack(nn.Module):
       if length == 1 and not self.is_initializing():
         decode_index = step.value
         cache_length = slots.value.shape[0]
-        key_positions = jnp.broadcast_to(slots.value, (batch, cache_length))
+        # From the shape, not the values: callers may build the cache
+        # abstractly and zero-fill it (moe_jax.train.evaluation does).
+        key_positions = jnp.broadcast_to(jnp.arange(cache_length),
+                                         (batch, cache_length))
         attention_mask = key_positions[:, None, :] <= decode_index[:, None,
                                                                    None]
         positions = decode_index[:, None]

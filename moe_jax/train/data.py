@@ -115,9 +115,10 @@ def _shard_stream(config: DataConfig, shard: int, num_shards: int
 class BatchStream:
   """`stream(step)` -> this process's rows of the global batch of `step`.
 
-  Steps are normally asked for in order; asking for an earlier step (or
-  starting after a resume) replays the streams from the start and skips,
-  so the answer never depends on what was asked before.
+  Steps are normally asked for in order; asking again for the last step
+  returns it without reading; asking for an earlier step (or starting after
+  a resume) replays the streams from the start and skips, so the answer
+  never depends on what was asked before.
   """
 
   def __init__(self, config: DataConfig, process_index: int = 0,
@@ -130,6 +131,7 @@ class BatchStream:
     self._num_shards = num_shards
     self._streams: Optional[list[Iterator[Batch]]] = None
     self._next_step = 0
+    self._last: Optional[Batch] = None
 
   @property
   def rows_per_process(self) -> int:
@@ -141,6 +143,8 @@ class BatchStream:
     self._next_step = 0
 
   def __call__(self, step: int) -> Batch:
+    if self._last is not None and step == self._next_step - 1:
+      return self._last
     if self._streams is None or step < self._next_step:
       self._restart()
     while True:
@@ -148,7 +152,8 @@ class BatchStream:
       self._next_step += 1
       if self._next_step > step:
         break
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    self._last = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return self._last
 
 
 # Keep TF from grabbing accelerators that JAX uses.

@@ -1,0 +1,81 @@
+"""FLAN-MoE at small scale: do sparse models gain more from instruction
+tuning than FLOP-matched dense ones?
+
+  nice -n 10 python -m experiments.flan_moe \
+      --gin_file=experiments/gin/reduced.gin [--gin.ExperimentConfig.seeds=(0,)]
+
+After Shen et al., "Mixture-of-Experts Meets Instruction Tuning" (ICLR 2024).
+Every model (`variants.ModelSpec`, FLOP-matched to the dense one) is
+pre-trained with span corruption on generated text, then, for each held-out
+task cluster C of the mini_flan suite:
+
+  finetune           fine-tuned on C's training tasks (no instruction tuning)
+  instruct           instruction-tuned on the other clusters
+                     (`mini_flan_train_without_C`), evaluated zero-shot
+                     (`mini_flan_eval_C`) and few-shot (`mini_flan_eval_fs_C`)
+  instruct_finetune  the instruction-tuned model fine-tuned on C
+
+Scores are exact match (percent) on the validation split, averaged over the
+mixture's tasks. Ablations (one seed, `ablation_seed`, around the model
+`ablation_base`): number of experts and routing strategy (whole chain),
+routing-loss type and frozen router / experts during instruction tuning, and
+the capacity factor at evaluation of the instruction-tuned model.
+
+Jobs run in phases (pre-training; fine-tuning and instruction tuning;
+fine-tuning after instruction tuning and evaluation-only jobs), each phase on
+`workers` processes. A job whose result file exists is not run again, so an
+interrupted experiment resumes. Results: OUT_DIR/results/*.json, then the
+table and plots (`experiments.report`) in `report_dir`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from typing import Sequence
+
+import gin
+
+from experiments import jobs, plan, report
+from experiments.config import ExperimentConfig
+from moe_jax import gin_utils
+
+
+def main(argv: Sequence[str]) -> int:
+  bindings, rest = gin_utils.split_gin_flags(argv)
+  files = [a.split("=", 1)[1] for a in rest if a.startswith("--gin_file=")]
+  if len(files) != len(rest):
+    raise ValueError(f"unknown arguments {rest}; give --gin_file=... and "
+                     "--gin.KEY=VALUE")
+  gin_utils.parse(files, bindings)
+  config = ExperimentConfig()
+  gin.clear_config()
+  start = time.time()
+  rows = run_experiment(config)
+  report.write(config, rows, wall_seconds=time.time() - start)
+  print(f"{len(rows)} results in {time.time() - start:.0f} s; report in "
+        f"{config.reports_to}")
+  return 0
+
+
+def run_experiment(config: ExperimentConfig) -> list[dict]:
+  """Runs (or reuses) every job of `plan(config)`; their result rows."""
+  jobs.init_worker(config)
+  phases = plan.plan(config)
+  models = jobs.resolve_models(config, {j.model for p in phases for j in p})
+  rows = []
+  context = multiprocessing.get_context("spawn")
+  for phase in phases:
+    calls = [(config, models, job) for job in phase]
+    if config.workers == 1:
+      rows += [jobs.run_job(*call) for call in calls]
+      continue
+    with context.Pool(config.workers, initializer=jobs.init_worker,
+                      initargs=(config,)) as pool:
+      rows += pool.starmap(jobs.run_job, calls, chunksize=1)
+  return rows
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,191 @@
+"""The experiment's report: tables (markdown) and plots (PNG) from result rows.
+
+Files written to `ExperimentConfig.reports_to`:
+  table.md        main table (per held-out cluster, model x setting,
+                  mean ± sample std over seeds) and the ablation table
+  main.png        the main table as grouped bars with std error bars
+  ablations.png   the ablations (one seed)
+  results.jsonl   every result row
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+# Column -> (stage, evaluation) of the main table.
+SETTINGS = {
+    "FT (no IT)": ("finetune", "zero_shot"),
+    "IT zero-shot": ("instruct", "zero_shot"),
+    "IT few-shot": ("instruct", "few_shot"),
+    "IT then FT": ("instruct_finetune", "zero_shot"),
+}
+GAIN = "IT gain on FT"  # IT then FT minus FT (no IT), paired by seed
+
+
+def _score(rows: Sequence[dict], stage: str, evaluation: str) -> dict:
+  """seed -> score of the rows of `stage` that have `evaluation`."""
+  return {r["seed"]: r["evals"][evaluation]["score"] for r in rows
+          if r["stage"] == stage and evaluation in r["evals"]}
+
+
+def _cell(values: Sequence[float], digits: int = 1) -> str:
+  if not values:
+    return "–"
+  mean = float(np.mean(values))
+  if len(values) == 1:
+    return f"{mean:.{digits}f} (n=1)"
+  return (f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f} "
+          f"(n={len(values)})")
+
+
+def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str
+               ) -> tuple[list[str], dict]:
+  """Markdown lines and {model: {column: [values over seeds]}}."""
+  values = {}
+  for model in models:
+    mine = [r for r in rows if r["model"] == model and not r["ablation"]]
+    pretrain = [r["train_loss"] for r in mine if r["stage"] == "pretrain"
+                and r["train_loss"] is not None]
+    mine = [r for r in mine if r["cluster"] == cluster]
+    columns = {"pre-train CE": pretrain}
+    for column, (stage, evaluation) in SETTINGS.items():
+      columns[column] = list(_score(mine, stage, evaluation).values())
+    tuned, plain = (_score(mine, "instruct_finetune", "zero_shot"),
+                    _score(mine, "finetune", "zero_shot"))
+    columns[GAIN] = [tuned[s] - plain[s] for s in tuned if s in plain]
+    values[model] = columns
+  header = ["model", *next(iter(values.values()))]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for model, columns in values.items():
+    cells = [_cell(v, 3 if name == "pre-train CE" else 1)
+             for name, v in columns.items()]
+    lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  return lines, values
+
+
+def ablation_table(rows: Sequence[dict], base: Callable[[dict], bool],
+                   cluster: str) -> tuple[list[str], dict]:
+  """Markdown lines and {label: {column: value}} of the one-seed ablations;
+  `base` picks the rows of the model the ablations vary."""
+  groups = {}
+  for r in rows:
+    if r["cluster"] not in ("", cluster):
+      continue
+    label = r["ablation"] if r["ablation"] not in ("", "base") else (
+        "baseline" if base(r) else None)
+    if label is not None:
+      groups.setdefault(label, []).append(r)
+  values = {}
+  for label, mine in sorted(groups.items(), key=lambda kv: kv[0] != "baseline"):
+    entry = {}
+    for column, (stage, evaluation) in SETTINGS.items():
+      scores = list(_score(mine, stage, evaluation).values())
+      if scores:
+        entry[column] = scores[0]
+    if entry:
+      values[label] = entry
+  columns = [c for c in SETTINGS if any(c in v for v in values.values())]
+  lines = ["| ablation | " + " | ".join(columns) + " |",
+           "|" + "---|" * (len(columns) + 1)]
+  for label, entry in values.items():
+    lines.append(f"| {label} | " + " | ".join(
+        f"{entry[c]:.1f}" if c in entry else "–" for c in columns) + " |")
+  return lines, values
+
+
+def _plot_main(values_by_cluster: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  clusters = list(values_by_cluster)
+  fig, axes = plt.subplots(1, len(clusters), squeeze=False,
+                           figsize=(7 * len(clusters), 4))
+  for ax, cluster in zip(axes[0], clusters):
+    values = values_by_cluster[cluster]
+    columns = list(SETTINGS) + [GAIN]
+    width = 0.8 / len(values)
+    for i, (model, by_column) in enumerate(values.items()):
+      means = [np.mean(by_column[c]) if by_column[c] else np.nan
+               for c in columns]
+      spread = [np.std(by_column[c], ddof=1) if len(by_column[c]) > 1 else 0
+                for c in columns]
+      ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=spread,
+             capsize=3, label=model)
+    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
+    ax.set_xticklabels(columns, rotation=15)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("exact match (%)")
+    ax.set_title(f"held-out cluster: {cluster}")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  clusters = [c for c, v in values_by_cluster.items() if v]
+  if not clusters:
+    return
+  fig, axes = plt.subplots(1, len(clusters), squeeze=False,
+                           figsize=(7 * len(clusters), 5))
+  for ax, cluster in zip(axes[0], clusters):
+    values = values_by_cluster[cluster]
+    labels = list(values)
+    columns = ["FT (no IT)", "IT zero-shot", "IT few-shot"]
+    height = 0.8 / len(columns)
+    for i, column in enumerate(columns):
+      ax.barh(np.arange(len(labels)) + i * height,
+              [values[label].get(column, np.nan) for label in labels], height,
+              label=column)
+    ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2)
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("exact match (%), one seed")
+    ax.set_title(f"ablations, held-out cluster: {cluster}")
+    ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write(config, rows: Sequence[dict],
+          wall_seconds: Optional[float] = None) -> dict:
+  """Writes the report files; returns {"main": {cluster: values},
+  "ablations": {cluster: values}}."""
+  from experiments.variants import ModelSpec
+  out = config.reports_to
+  out.mkdir(parents=True, exist_ok=True)
+  models = [ModelSpec(r, config.num_experts).name for r in config.routings]
+  base = ModelSpec(config.ablation_base, config.num_experts).name
+  is_base = lambda r: (r["model"] == base and r["seed"] ==
+                       config.ablation_seed)
+  lines = ["# FLAN-MoE at small scale: results", ""]
+  if wall_seconds is not None:
+    lines += [f"Wall time of this invocation: {wall_seconds:.0f} s "
+              "(jobs whose results already existed were not rerun).", ""]
+  lines += ["Exact match (%) on the held-out cluster's validation split, "
+            f"{config.eval_examples} examples per task; mean ± sample std "
+            f"over seeds {list(config.seeds)}. Pre-train CE: span-corruption "
+            "cross entropy (nats/token) over the last 10% of steps.", ""]
+  main, ablations = {}, {}
+  for cluster in config.held_out:
+    table, main[cluster] = main_table(rows, models, cluster)
+    lines += [f"## Held-out cluster: {cluster}", "", *table, ""]
+    table, ablations[cluster] = ablation_table(rows, is_base, cluster)
+    if ablations[cluster]:
+      lines += [f"### Ablations ({base}, seed {config.ablation_seed})", "",
+                *table, ""]
+  (out / "table.md").write_text("\n".join(lines))
+  (out / "results.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  _plot_main(main, out / "main.png")
+  _plot_ablations(ablations, out / "ablations.png")
+  return {"main": main, "ablations": ablations}

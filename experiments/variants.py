@@ -1,0 +1,127 @@
+"""The models an experiment compares: a dense T5 and FLOP-matched sparse T5s.
+
+A `ModelSpec` names a routing strategy (a gin/routing/*.gin file, or "dense")
+and a number of experts; `model_config` parses the repository's gin files for
+it, so the experiment trains exactly the models `python -m moe_jax.main`
+would.
+
+FLOP matching (`flop_matched`): sparse models are made to cost the dense
+model's forward FLOPs per example (moe_jax.flops: a token pays for the k
+experts it is routed to, or capacity_factor experts under expert choice).
+The expert width is solved first; where even one-wide experts cost more than
+the dense model (ST-MoE's extra dense FFN after each MoE FFN), the model's
+FFN width is solved instead, with experts as wide as the dense FFNs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Sequence
+
+import gin
+
+from moe_jax import flops, gin_utils
+from moe_jax.models import TransformerConfig, configured_model_config
+from moe_jax.train.objective import LossConfig
+
+DENSE = "dense"
+ROUTINGS = ("switch_top1", "gshard_top2", "expert_choice", "st_moe")
+_DENSE_FILE = "gin/models/t5_1_1_tiny.gin"
+_SPARSE_FILE = "gin/models/t5_1_1_tiny_moe.gin"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Attributes:
+    routing: "dense" or a name in `ROUTINGS` (gin/routing/<routing>.gin).
+    num_experts: E (ignored for dense).
+  """
+  routing: str
+  num_experts: int = 8
+
+  def __post_init__(self):
+    if self.routing != DENSE and self.routing not in ROUTINGS:
+      raise ValueError(f"routing must be {DENSE!r} or one of {ROUTINGS}; got "
+                       f"routing={self.routing!r}")
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts must be >= 1; got num_experts="
+                       f"{self.num_experts}")
+
+  @property
+  def name(self) -> str:
+    if self.routing == DENSE:
+      return DENSE
+    return f"{self.routing}_e{self.num_experts}"
+
+  def gin_files(self) -> list[str]:
+    if self.routing == DENSE:
+      return [_DENSE_FILE]
+    return [_SPARSE_FILE, f"gin/routing/{self.routing}.gin"]
+
+
+def _macro(name: str, default: float) -> float:
+  try:
+    return gin.query_parameter(f"%{name}")
+  except ValueError:
+    return default
+
+
+def model_config(spec: ModelSpec, size_bindings: Sequence[str]
+                 ) -> tuple[TransformerConfig, LossConfig]:
+  """The model and its routing loss weights, from the gin files.
+
+  Clears and replaces the global gin config.
+  """
+  bindings = list(size_bindings)
+  if spec.routing != DENSE:
+    bindings.append(f"NUM_EXPERTS={spec.num_experts}")
+  gin_utils.parse(spec.gin_files(), bindings)
+  config = configured_model_config()
+  defaults = LossConfig()
+  loss = LossConfig(
+      aux_loss_factor=_macro("AUX_LOSS_FACTOR", defaults.aux_loss_factor),
+      router_z_loss_factor=_macro("ROUTER_Z_LOSS_FACTOR",
+                                  defaults.router_z_loss_factor))
+  gin.clear_config()
+  return config, loss
+
+
+def _with_widths(config: TransformerConfig, expert_width: Optional[int],
+                 mlp_dim: Optional[int] = None) -> TransformerConfig:
+  def moe(m):
+    return None if m is None else dataclasses.replace(
+        m, expert_hidden_dim=expert_width)
+  return dataclasses.replace(
+      config, mlp_dim=mlp_dim or config.mlp_dim,
+      encoder_moe=moe(config.encoder_moe), decoder_moe=moe(config.decoder_moe))
+
+
+def forward_flops(config: TransformerConfig,
+                  lengths: Mapping[str, int]) -> float:
+  """Forward FLOPs of one example of `lengths` ({"inputs", "targets"})."""
+  return flops.count(config, lengths["inputs"],
+                     lengths["targets"]).forward_flops
+
+
+def _solve(cost, low: int, high: int, target: float) -> int:
+  """The integer width w for which the linear `cost(w)` is nearest target."""
+  a, b = cost(low), cost(high)
+  return round(low + (target - a) * (high - low) / (b - a))
+
+
+def flop_matched(config: TransformerConfig, dense: TransformerConfig,
+                 lengths: Mapping[str, int]) -> TransformerConfig:
+  """`config` with its FFN widths set so that its forward FLOPs match
+  `dense`'s (see the module docstring); dense configs are returned as is."""
+  if config.encoder_moe is None and config.decoder_moe is None:
+    return config
+  target = forward_flops(dense, lengths)
+  width = _solve(lambda w: forward_flops(_with_widths(config, w), lengths),
+                 8, 16, target)
+  if width >= 1:
+    return _with_widths(config, width)
+  mlp = _solve(lambda w: forward_flops(_with_widths(config, None, w),
+                                       lengths), 8, 16, target)
+  if mlp < 1:
+    raise ValueError(f"cannot FLOP-match {config} to the dense model")
+  return _with_widths(config, None, mlp)
