@@ -73,3 +73,17 @@ def initialize(mode: str = "none",
       coordinator_address=group.coordinator_address,
       num_processes=group.num_processes,
       process_id=group.process_id)
+
+
+def barrier(name: str, timeout_s: int = 900) -> None:
+  """Waits until every process reaches `name` (no-op for one process).
+
+  Processes finish start-up (imports, data, tracing) at different times;
+  the first CPU collective (gloo) gives the late one only 30 s, so jobs meet
+  here first, through the coordination service, which waits `timeout_s`.
+  """
+  if jax.process_count() == 1:
+    return
+  # The coordination client has no public accessor in jax 0.10-0.12.
+  from jax._src import distributed as jax_distributed
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)

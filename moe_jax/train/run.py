@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moe_jax import flops, knobs, partitioning, upcycle
+from moe_jax import distributed, flops, knobs, partitioning, upcycle
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
 from moe_jax.train import loop
@@ -270,6 +270,7 @@ def train(run: Run) -> TrainResult:
   evaluator = (Evaluator(run.eval, run.model, run.data.objective,
                          cfg.model_dir)
                if run.eval and run.eval.mixture_or_task_name else None)
+  distributed.barrier("moe_jax.train: start-up done")
   checkpointer = Checkpointer(cfg.model_dir, run.config_text, cfg.save_every,
                               cfg.keep_checkpoints, cfg.async_checkpointing,
                               cfg.overwrite_config)
