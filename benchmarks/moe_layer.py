@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.dispatch import Dispatch
-from moe_jax.experts import Activation, Experts
-from moe_jax.layers import MoeLayer
-from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.experts import Activation, Experts
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 GATED_MATMULS = 3  # wi_0, wi_1, wo
 

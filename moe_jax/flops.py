@@ -37,7 +37,7 @@ import numpy as np
 from moe_jax import gin_utils
 from moe_jax.models import (Architecture, TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
-from moe_jax.routing import ExpertChoiceRouter
+from moe_jax.moe.routers import ExpertChoiceRouter
 
 PARTS = ("embeddings", "attention", "dense_ffn", "experts", "routers",
          "norms_and_other")

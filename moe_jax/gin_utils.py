@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import re
+
 import gin
 
 GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
@@ -44,6 +46,34 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   for name in files:
     if not Path(name).is_file() and not (GIN_ROOT.parent / name).is_file():
       raise ValueError(f"gin file not found: {name}")
+  for name in files:
+    path = Path(name) if Path(name).is_file() else GIN_ROOT.parent / name
+    check_module_paths(path.read_text(), str(path))
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_ROOT.parent))
   gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+# Modules that moved into `moe_jax.moe` (routers under `moe_jax.moe.routers`);
+# a config.gin saved before the move still imports them.
+_MOVED_MODULES = re.compile(
+    r"^\s*(from moe_jax import (routing|routers|layers|dispatch|experts|"
+    r"expert_parallel|losses|capture|metric_names|upcycle)\b|"
+    r"from moe_jax\.(routing|routers|layers|dispatch|experts|expert_parallel|"
+    r"losses|capture|metric_names|upcycle)\b)", re.M)
+UPDATE_COMMAND = (
+    "sed -i -E 's/^from moe_jax import routing$/from moe_jax.moe import "
+    "routers/; s/(^|[^.[:alnum:]_])routing\\.(TokenChoiceRouter|"
+    "ExpertChoiceRouter)/\\1routers.\\2/g; s/^from moe_jax\\.routers "
+    "import/from moe_jax.moe.routers import/' CONFIG_GIN")
+
+
+def check_module_paths(text: str, source: str) -> None:
+  """Raises ValueError, with the command that fixes it, when gin text
+  imports a module from before the MoE core moved into `moe_jax.moe`."""
+  match = _MOVED_MODULES.search(text)
+  if match:
+    raise ValueError(
+        f"{source} imports {match.group(0).strip()!r}, a module that moved "
+        "into moe_jax.moe (routers: moe_jax.moe.routers); update the file "
+        "with\n  " + UPDATE_COMMAND.replace("CONFIG_GIN", source))

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 from moe_jax import distributed, gin_utils
-from moe_jax.dispatch import Dispatch
-from moe_jax.layers import MoeLayer
-from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 
 def _demo_routers() -> dict[str, object]:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 from tests import moe_reference as ref
 from tests.test_layers import init, inputs, make_layer, numpy_params
 

@@ -9,7 +9,7 @@ import pytest
 
 from moe_jax.models import (MoeConfig, TransformerConfig, build_model,
                             decoding)
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 
 VOCAB, EOS = 4, 1
 TABLE = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (3, VOCAB, VOCAB))

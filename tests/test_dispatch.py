@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch
+from moe_jax.moe import dispatch
 
 
 @pytest.mark.parametrize("tokens,experts,factor,min_cap,k,want", [

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from moe_jax import gin_utils
-from moe_jax.layers import MoeLayer
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.models import configured_model_config
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.experts import Activation, Experts
+from moe_jax.moe.experts import Activation, Experts
 
 
 @pytest.mark.parametrize("activation", list(Activation))

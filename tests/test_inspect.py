@@ -1,4 +1,4 @@
-"""moe_jax.inspect: restored parameters, and routing numbers against a numpy
+"""moe_jax.inspection: restored parameters, and routing numbers against a numpy
 reference computed from the MoE layers' inputs."""
 
 import flax.linen as nn
@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import inspect as moe_inspect
-from moe_jax import metric_names
-from moe_jax.layers import MoeLayer
+from moe_jax import inspection as moe_inspect
+from moe_jax.moe import metric_names
+from moe_jax.moe.layer import MoeLayer
 from tests import moe_reference, tiny_checkpoint
 
 K, NUM_EXPERTS = 2, 4

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax.dispatch import Dispatch
+from moe_jax.moe.dispatch import Dispatch
 from moe_jax.interop import hf_switch
 from moe_jax.models import build_model
 

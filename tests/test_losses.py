@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import losses
+from moe_jax.moe import losses
 
 
 def _uniform(groups=2, tokens=8, experts=4, k=1):

@@ -18,7 +18,7 @@ import tasks  # noqa: F401  (registers mini_flan)
 from moe_jax import gin_utils
 from moe_jax.main import main
 from moe_jax.models import MoeConfig, TransformerConfig
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig

@@ -10,7 +10,7 @@ import pytest
 
 from moe_jax.models import (MoeConfig, TransformerConfig, build_model,
                             dummy_batch)
-from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 
 def tiny(**overrides):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from moe_jax.layers import MoeLayer
-from moe_jax.routers.base_layers import (BaseLayerRouter, auction_assignment,
-                                         balanced_assignment)
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers.base_layers import (BaseLayerRouter, auction_assignment,
+                                             balanced_assignment)
 
 NUM_EXPERTS = 4
 auction = jax.jit(auction_assignment, static_argnames=("eps_final",))

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax.layers import MoeLayer
-from moe_jax.routers.dselect_k import (DSelectKRouter, selector_distributions,
-                                       smooth_step)
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers.dselect_k import (DSelectKRouter, selector_distributions,
+                                           smooth_step)
 
 NUM_EXPERTS = 8
 

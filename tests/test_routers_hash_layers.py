@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.layers import MoeLayer
-from moe_jax.routers import hash_layers
-from moe_jax.routers.hash_layers import HashRouter
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers import hash_layers
+from moe_jax.moe.routers.hash_layers import HashRouter
 
 NUM_EXPERTS = 4
 VOCAB = 64

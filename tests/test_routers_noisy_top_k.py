@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax.layers import MoeLayer
-from moe_jax.routers.noisy_top_k import NoisyTopKRouter, smooth_load
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers.noisy_top_k import NoisyTopKRouter, smooth_load
 
 NUM_EXPERTS = 4
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 from moe_jax.models import build_model
 from moe_jax.t5x import losses as t5x_losses
 from moe_jax.t5x.modules import T5XDecoderOnly, T5XEncoderDecoder

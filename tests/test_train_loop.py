@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import checkpoints, loop, objective, optimizers
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import objective, optimizers, step as train_step
 
 

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import upcycle
+from moe_jax.train import upcycle
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 
 DENSE = TransformerConfig(vocab_size=40, emb_dim=16, num_heads=2, head_dim=8,
                           mlp_dim=24, num_encoder_layers=2,

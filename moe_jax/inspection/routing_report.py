@@ -7,7 +7,7 @@ N sparse layers (encoder layers first, then decoder layers, as in
 
 Scalar metrics and expert loads come from `ModelOutput.moe_stats`; per-token
 data (router probabilities, which experts processed which token) from the
-opt-in `routing` collection (`moe_jax.capture`).
+opt-in `routing` collection (`moe_jax.moe.capture`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import flax.traverse_util
 import jax
 import numpy as np
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 from moe_jax.inspection.checkpoint import Checkpoint
 from moe_jax.models import Architecture
 

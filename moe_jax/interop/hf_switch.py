@@ -28,11 +28,11 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from moe_jax.dispatch import Dispatch
-from moe_jax.experts import Activation
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.experts import Activation
 from moe_jax.interop import hf_common
 from moe_jax.models.config import MoeConfig, TransformerConfig
-from moe_jax.routing import TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 
 _ACTIVATIONS = {"relu": Activation.RELU}
 

@@ -16,9 +16,9 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax import metric_names
-from moe_jax.experts import Activation, mlp
-from moe_jax.layers import MoeLayer, MoeStats
+from moe_jax.moe import metric_names
+from moe_jax.moe.experts import Activation, mlp
+from moe_jax.moe.layer import MoeLayer, MoeStats
 from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
                                       RelativePositionBias)
 from moe_jax.models.config import (PositionEmbedding, RematPolicy,

@@ -14,9 +14,9 @@ from typing import Optional
 import jax.numpy as jnp
 
 from moe_jax import knobs
-from moe_jax.dispatch import Dispatch
-from moe_jax.experts import Activation
-from moe_jax.routing import Router
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.experts import Activation
+from moe_jax.moe.routing import Router
 
 
 class Architecture(str, enum.Enum):
@@ -44,7 +44,7 @@ class MoeConfig:
   """The sparse layers of one stack.
 
   Attributes:
-    router: an unbound `moe_jax.routing.Router`; every sparse layer gets its
+    router: an unbound `moe_jax.moe.routing.Router`; every sparse layer gets its
       own copy (own weights).
     num_experts: E.
     expert_hidden_dim: F per expert; None: the model's `mlp_dim`.
@@ -53,7 +53,7 @@ class MoeConfig:
     extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
     dispatch, train_capacity_factor, eval_capacity_factor,
     min_expert_capacity, max_group_size, expert_dropout_rate: see
-      `moe_jax.layers.MoeLayer`.
+      `moe_jax.moe.layer.MoeLayer`.
     activation: expert activation; None: the model's FFN activation.
     allow_expert_choice_in_causal, expert_parallel: see `MoeLayer`.
   """

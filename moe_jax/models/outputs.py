@@ -8,7 +8,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers import MoeStats
+from moe_jax.moe.layer import MoeStats
 
 Array = jax.Array
 

@@ -10,7 +10,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
-from moe_jax.layers import MoeStats
+from moe_jax.moe.layer import MoeStats
 from moe_jax.models import masks
 from moe_jax.models.blocks import Stack
 from moe_jax.models.config import TransformerConfig

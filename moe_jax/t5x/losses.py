@@ -12,7 +12,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 
 Array = jax.Array
 

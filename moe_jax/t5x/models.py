@@ -17,7 +17,7 @@ import functools
 import importlib
 from typing import Any
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 from moe_jax.t5x.losses import moe_loss_and_metrics
 
 _BASES = {"encoder_decoder": "EncoderDecoderModel",

@@ -11,7 +11,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 from moe_jax.models.outputs import ModelOutput
 
 Array = jax.Array

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moe_jax import distributed, flops, knobs, partitioning, upcycle
+from moe_jax import distributed, flops, knobs, partitioning
+from moe_jax.train import upcycle
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
 from moe_jax.train import loop
@@ -49,7 +50,7 @@ class InitMode(str, enum.Enum):
     and exists with the same shape in the checkpoint (partial restore by
     name: e.g. fine-tune from pre-training, or keep a fresh head).
   UPCYCLE: the checkpoint is a dense model; experts are copies of its FFNs
-    and routers stay fresh (`moe_jax.upcycle`).
+    and routers stay fresh (`moe_jax.train.upcycle`).
   """
   MATCHING = "matching"
   UPCYCLE = "upcycle"

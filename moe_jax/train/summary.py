@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_jax import metric_names
+from moe_jax.moe import metric_names
 
 
 def _mean(history: list[dict], key: str, rows: slice) -> float:

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import partitioning
-from moe_jax.dispatch import Dispatch
-from moe_jax.layers import MoeLayer
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
-from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 from moe_jax.train.objective import LossConfig, training_loss
 from moe_jax.train.step import model_inputs
 

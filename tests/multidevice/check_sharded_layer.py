@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import partitioning
-from moe_jax.dispatch import Dispatch
-from moe_jax.layers import MoeLayer
-from moe_jax.routing import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.layer import MoeLayer
+from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 NUM_EXPERTS = 8
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]

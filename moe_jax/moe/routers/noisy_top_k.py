@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 
-from moe_jax import losses
-from moe_jax import routing
+from moe_jax.moe import losses
+from moe_jax.moe import routing
 
 Array = jax.Array
 

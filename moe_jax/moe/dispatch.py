@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import RoutingDecision, TokenChoice
+from moe_jax.moe.routing import RoutingDecision, TokenChoice
 
 Array = jax.Array
 ExpertFn = Callable[[Array], Array]

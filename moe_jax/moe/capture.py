@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import ExpertChoice, RoutingDecision, TokenChoice
+from moe_jax.moe.routing import ExpertChoice, RoutingDecision, TokenChoice
 
 Array = jax.Array
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import routing
+from moe_jax.moe import routing
 
 Array = jax.Array
 

@@ -103,7 +103,7 @@ class Experts(nn.Module):
       exchange: if given, replaces the local computation: it gets x and the
         weights {name: <[E, D, F]> or <[E, F, D]>} (see
         `Activation.weight_names`) and returns the output; used by
-        `moe_jax.expert_parallel`, which has no expert dropout.
+        `moe_jax.moe.expert_parallel`, which has no expert dropout.
 
     Returns:
       Same shape as x.

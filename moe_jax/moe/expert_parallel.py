@@ -34,10 +34,10 @@ import jax.numpy as jnp
 from jax._src import mesh as mesh_lib
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
-                              scatter_dispatch)
-from moe_jax.experts import Activation, mlp
-from moe_jax.routing import RoutingDecision
+from moe_jax.moe.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
+                                  scatter_dispatch)
+from moe_jax.moe.experts import Activation, mlp
+from moe_jax.moe.routing import RoutingDecision
 
 Array = jax.Array
 
@@ -122,7 +122,7 @@ def expert_parallel_dispatch(tokens: Array, weights: dict,
     tokens: <[G, S, D]> grouped tokens.
     weights: expert weights {name: <[E, D, F]> ("wi*") or <[E, F, D]> ("wo")}.
     decision: the router's decision for the global <[G, ...]> groups.
-    dispatch: the dispatch path (see `moe_jax.dispatch`).
+    dispatch: the dispatch path (see `moe_jax.moe.dispatch`).
     num_experts: E.
     capacity: C (unused on the dropless path).
     activation: expert activation.

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import routing
+from moe_jax.moe import routing
 
 Array = jax.Array
 

@@ -13,9 +13,9 @@ Data flow for x <[B, L, D]>:
   5. combine with the gates back to <[B, L, D]>.
 
 The layer returns `(y, MoeStats)` and also sows every `MoeStats` field into
-the `intermediates` collection under the names in `moe_jax.metric_names`
+the `intermediates` collection under the names in `moe_jax.moe.metric_names`
 (the names T5X's MoE models read). When the caller makes the `routing`
-collection mutable, it also sows the per-token routing (`moe_jax.capture`).
+collection mutable, it also sows the per-token routing (`moe_jax.moe.capture`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax import capture, knobs, metric_names
-from moe_jax.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
-                              expert_capacity, group_shape, group_tokens,
-                              scatter_dispatch)
-from moe_jax.expert_parallel import (check_mesh, expert_parallel_dispatch,
-                                     group_shards)
-from moe_jax.experts import Activation, Experts
-from moe_jax.routing import Router, TokenChoice
+from moe_jax import knobs
+from moe_jax.moe import capture, metric_names
+from moe_jax.moe.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
+                                  expert_capacity, group_shape, group_tokens,
+                                  scatter_dispatch)
+from moe_jax.moe.expert_parallel import (check_mesh, expert_parallel_dispatch,
+                                         group_shards)
+from moe_jax.moe.experts import Activation, Experts
+from moe_jax.moe.routing import Router, TokenChoice
 
 Array = jax.Array
 
@@ -70,7 +71,7 @@ class MoeLayer(nn.Module):
   Attributes:
     num_experts: E.
     expert_hidden_dim: F, hidden width of each expert.
-    router: a `moe_jax.routing.Router` (token choice, expert choice, ...).
+    router: a `moe_jax.moe.routing.Router` (token choice, expert choice, ...).
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
       `dropless` never drops a token (token choice only).
@@ -88,7 +89,7 @@ class MoeLayer(nn.Module):
     allow_expert_choice_in_causal: permit routers that see the whole group
       (expert choice) in a causal stack despite the future-token leak.
     expert_parallel: run dispatch and experts inside `jax.shard_map` over
-      the traced mesh (`moe_jax.expert_parallel`: all-to-all of expert
+      the traced mesh (`moe_jax.moe.expert_parallel`: all-to-all of expert
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
       Same function either way; requires expert_dropout_rate=0.
@@ -127,7 +128,7 @@ class MoeLayer(nn.Module):
     dispatch = knobs.choice(Dispatch, "dispatch", self.dispatch)
     knobs.choice(Activation, "activation", self.activation)
     if not isinstance(self.router, Router):
-      raise ValueError(f"router must be a moe_jax.routing.Router; got "
+      raise ValueError(f"router must be a moe_jax.moe.routing.Router; got "
                        f"router={self.router!r}")
     self.router.validate(self.num_experts)
     if dispatch != Dispatch.DROPLESS:
@@ -252,7 +253,7 @@ class MoeLayer(nn.Module):
     return out.astype(self.dtype), stats
 
   def _sow_routing(self, routed, token_mask: Array, group_size: int) -> None:
-    """Per-token routing for inspection (see `moe_jax.capture`)."""
+    """Per-token routing for inspection (see `moe_jax.moe.capture`)."""
     mask, weights = capture.token_expert_assignment(
         routed.decision, self.num_experts, group_size)
     for name, value in ((metric_names.ROUTER_PROBS, routed.router_probs),

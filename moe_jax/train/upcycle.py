@@ -3,8 +3,8 @@
 Layers are matched by their index in the stack (a dense stack has blocks of
 one layer, a sparse one blocks of `sparse_every` layers); every parameter the
 two layers share is copied, and the dense FFN of a layer that is sparse in the
-target becomes every expert of its MoE layer (Komatsuzaki et al. 2023); routers keep their fresh initialization. The
-optimizer state starts anew (callers build it from the returned params).
+target becomes every expert of its MoE layer (Komatsuzaki et al. 2023);
+routers keep their fresh initialization. The optimizer state starts anew (callers build it from the returned params).
 
 With all experts equal, an upcycled layer outputs (sum of the token's
 combine weights) * dense_ffn(x): exactly the dense output when the gates sum

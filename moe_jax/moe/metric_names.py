@@ -1,7 +1,7 @@
 """Names of the per-layer values an MoE layer sows into `intermediates`.
 
 These strings are a contract: T5X's MoE models read them from the sown
-collection. Writers (`moe_jax.layers`) and readers (trainers, inspection, the
+collection. Writers (`moe_jax.moe.layer`) and readers (trainers, inspection, the
 T5X adapter) import them from here instead of spelling them out.
 """
 
