@@ -1,5 +1,6 @@
 """Every gin model config builds; tiny ones train; routing files layer on."""
 
+import subprocess
 from pathlib import Path
 
 import gin
@@ -92,12 +93,31 @@ def test_unknown_knob_fails_at_parse():
 def test_bad_values_name_the_knob():
   with pytest.raises(ValueError, match="sparse_every=3"):
     _config("gin/models/t5_1_1_tiny_moe.gin", bindings=["SPARSE_EVERY = 3"])
+  # expert_choice.gin makes ExpertChoiceRouter known to gin (a binding alone
+  # names only configurables some parsed file referenced).
   with pytest.raises(ValueError, match="decoder_moe.router"):
-    _config("gin/models/t5_1_1_tiny_moe.gin", bindings=[
-        "decoder/config.MoeConfig.router = @decoder/routing.ExpertChoiceRouter()"])
+    _config("gin/models/t5_1_1_tiny_moe.gin", "gin/routing/expert_choice.gin",
+            bindings=[
+        "decoder/config.MoeConfig.router = @decoder/routers.ExpertChoiceRouter()"])
   with pytest.raises(ValueError, match="gin file not found"):
     _config("gin/models/nope.gin")
 
 
 def teardown_module():
   gin.clear_config()
+
+
+def test_config_saved_before_the_moe_package_says_how_to_update(tmp_path):
+  """A config.gin written before the MoE core moved into `moe_jax.moe` fails
+  with a command; running that command makes the file parse again."""
+  saved = tmp_path / "config.gin"
+  saved.write_text((Path(__file__).parent / "data" /
+                    "config_before_moe_package.gin").read_text())
+  with pytest.raises(ValueError, match="moved into moe_jax.moe") as err:
+    gin_utils.parse([str(saved)])
+  command = str(err.value).split("update the file with\n")[1].strip()
+  subprocess.run(command, shell=True, check=True)
+  config = _config(str(saved))
+  assert config.encoder_moe.num_experts == 8
+  assert type(config.encoder_moe.router).__name__ == "TokenChoiceRouter"
+  assert config.encoder_moe.router.num_selected_experts == 2
