@@ -1,4 +1,4 @@
-"""Runs on 8 fake CPU devices: the shard_map expert-parallel path equals one device.
+"""On 8 fake CPU devices: the shard_map expert-parallel layer equals one device.
 
 Started by tests/test_expert_parallel.py with the cases to run ("layer",
 "model"; default both); exits non-zero on a mismatch. For every mesh and

@@ -1,4 +1,4 @@
-"""Runs on 8 fake CPU devices: the MoE layer with sharded params equals one device.
+"""On 8 fake CPU devices: the MoE layer with sharded params equals one device.
 
 Started by tests/test_partitioning.py; exits non-zero on a mismatch.
 """

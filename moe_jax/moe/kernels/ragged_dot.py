@@ -1,4 +1,4 @@
-"""`jax.lax.ragged_dot`: XLA's grouped matmul (see moe_jax.moe.grouped_matmul)."""
+"""`jax.lax.ragged_dot`, XLA's grouped matmul (see `grouped_matmul`)."""
 
 import jax
 
