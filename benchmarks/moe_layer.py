@@ -1,7 +1,8 @@
 """MoE layer forward+backward time against a FLOP-matched dense FFN.
 
   python benchmarks/moe_layer.py [--quick] [--tokens 4096 --width 256
-      --hidden 512 --experts 8 64 --k 1 2 --dtype bfloat16] [--out r.json]
+      --hidden 512 --experts 8 64 --k 1 2 --dtype bfloat16
+      --grouped_matmul ragged_dot dense] [--out r.json]
 
 For each (E, k) the dense baseline is a gated-gelu FFN with d_ff = k * f, so
 it does the same useful matmul work as k experts of width f per token. Every
@@ -9,7 +10,9 @@ variant is timed in the same run (median of --iters after a warm-up), and the
 table gives time, useful TFLOP/s (multiply-add = 2 FLOPs; forward+backward =
 3x forward), the ratio to dense, the fraction of tokens dropped, and the
 temporary memory XLA reserves for the compiled step (its peak activation
-footprint). A benchmark, not a test: the numbers depend on the machine.
+footprint). The dropless path runs once per `--grouped_matmul` choice
+(variant `dropless` for the default alone, else `dropless/<choice>`).
+A benchmark, not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -23,18 +26,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe.dispatch import Dispatch
-from moe_jax.moe.experts import Activation, Experts
+from moe_jax.moe.dispatch import PATHS, Dispatch
+from moe_jax.moe.experts import Activation, Experts, expert_fns
+from moe_jax.moe.grouped_matmul import GroupedMatmul, resolve
 from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 GATED_MATMULS = 3  # wi_0, wi_1, wo
 
 
-def dense_ffn(hidden: int, dtype) -> nn.Module:
-  """A dense gated-gelu FFN: one expert of width `hidden`."""
-  return Experts(num_experts=1, hidden_dim=hidden,
-                 activation=Activation.GATED_GELU, dtype=dtype)
+class DenseFFN(nn.Module):
+  """A dense gated-gelu FFN <[1, T, D]> -> <[1, T, D]>: one expert."""
+  hidden: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    weights = Experts(num_experts=1, hidden_dim=self.hidden,
+                      activation=Activation.GATED_GELU, dtype=self.dtype,
+                      name="experts")(x.shape[-1])
+    return expert_fns(weights, Activation.GATED_GELU,
+                      resolve(GroupedMatmul.RAGGED_DOT)).batched(x)
 
 
 def _fwd_bwd(apply_fn, params, x):
@@ -67,25 +79,29 @@ def run(args) -> list[dict]:
   for experts in args.experts:
     for k in args.k:
       useful = 3 * 2 * GATED_MATMULS * args.tokens * args.width * args.hidden * k
-      dense = dense_ffn(k * args.hidden, dtype)
+      dense = DenseFFN(k * args.hidden, dtype)
       flat = x.reshape(1, -1, args.width)
-      dense_params = dense.init(key_p, flat, deterministic=True)
+      dense_params = dense.init(key_p, flat)
       step = _fwd_bwd(lambda p, v: dense.apply(
-          p, v.reshape(1, -1, v.shape[-1]), deterministic=True).reshape(v.shape),
+          p, v.reshape(1, -1, v.shape[-1])).reshape(v.shape),
                       dense_params, x)
       dense_time = _time(step, dense_params, x, args.iters)
       rows.append(dict(experts=experts, k=k, variant="dense", time_ms=1e3 *
                        dense_time, tflops=useful / dense_time / 1e12,
                        ratio=1.0, dropped=0.0,
                        temp_mib=_mib(_temp_bytes(step, dense_params, x))))
-      variants = [(path.value, TokenChoiceRouter(num_selected_experts=k), path)
-                  for path in Dispatch]
+      token_choice = TokenChoiceRouter(num_selected_experts=k)
+      variants = [(path.value, token_choice, path, GroupedMatmul.RAGGED_DOT)
+                  for path in PATHS if path != Dispatch.DROPLESS]
+      variants += [(_dropless_name(matmul, args.grouped_matmul), token_choice,
+                    Dispatch.DROPLESS, GroupedMatmul(matmul))
+                   for matmul in args.grouped_matmul]
       if k == 1:
         variants.append(("expert_choice/scatter", ExpertChoiceRouter(),
-                         Dispatch.SCATTER))
-      for name, router, path in variants:
+                         Dispatch.SCATTER, GroupedMatmul.RAGGED_DOT))
+      for name, router, path, matmul in variants:
         layer = MoeLayer(num_experts=experts, expert_hidden_dim=args.hidden,
-                         router=router, dispatch=path,
+                         router=router, dispatch=path, grouped_matmul=matmul,
                          eval_capacity_factor=args.capacity_factor,
                          max_group_size=args.group_size, dtype=dtype)
         params = layer.init(key_p, x, deterministic=True)
@@ -100,6 +116,12 @@ def run(args) -> list[dict]:
             dropped=float(stats.fraction_tokens_left_behind),
             temp_mib=_mib(_temp_bytes(step, params, x))))
   return rows
+
+
+def _dropless_name(matmul: str, chosen: list[str]) -> str:
+  """"dropless" when only the default grouped matmul runs."""
+  return ("dropless" if chosen == [GroupedMatmul.RAGGED_DOT.value] else
+          f"dropless/{matmul}")
 
 
 def _mib(num_bytes: int | None) -> float | None:
@@ -127,6 +149,10 @@ def main() -> None:
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--group_size", type=int, default=4096)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--grouped_matmul", nargs="+",
+                      default=[GroupedMatmul.RAGGED_DOT.value],
+                      choices=[m.value for m in GroupedMatmul],
+                      help="grouped matmuls to time on the dropless path")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, for checking that the script runs")

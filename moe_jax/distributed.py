@@ -20,6 +20,8 @@ from typing import Mapping, Optional
 
 import jax
 
+from moe_jax import jax_compat
+
 COORDINATOR_ADDRESS = "MOE_JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "MOE_JAX_NUM_PROCESSES"
 PROCESS_ID = "MOE_JAX_PROCESS_ID"
@@ -84,6 +86,4 @@ def barrier(name: str, timeout_s: int = 900) -> None:
   """
   if jax.process_count() == 1:
     return
-  # The coordination client has no public accessor in jax 0.10-0.12.
-  from jax._src import distributed as jax_distributed
-  jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+  jax_compat.coordination_client().wait_at_barrier(name, timeout_s * 1000)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from moe_jax import distributed, gin_utils
-from moe_jax.moe.dispatch import Dispatch
+from moe_jax.moe.dispatch import PATHS, Dispatch
 from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
@@ -47,7 +47,7 @@ def demo(args: argparse.Namespace) -> None:
   print(header)
   for name, router in _demo_routers().items():
     params = None
-    for path in Dispatch:
+    for path in PATHS:
       if path == Dispatch.DROPLESS and not router.supports_dropless:
         continue
       layer = MoeLayer(

@@ -3,12 +3,14 @@
 The mesh has three named axes, ("data", "expert", "model"). Parameters and
 activations carry logical axis names (set with `nn.with_logical_partitioning`
 and `nn.with_logical_constraint`); `logical_axis_rules` maps those names onto
-mesh axes. Names follow T5X's MoE rules (`expert`, `expert_mlp`,
-`expert_replicas`, `unmodeled`, ...).
+mesh axes. Both sets of names are defined in `moe_jax.axes` and follow
+T5X's MoE rules (`expert`, `expert_mlp`, `expert_replicas`, `unmodeled`, ...).
 
-Expert parallelism with `jax.shard_map` (all-to-all of dispatched tokens) is
-not implemented yet; with these rules XLA's SPMD partitioner shards the expert
-weights over `expert` and inserts the collectives itself.
+By default XLA's SPMD partitioner shards the MoE layer from these rules: the
+expert weights over `expert` and the expert buffers [E, G * C, D] over
+(`expert`, `data`), inserting the all-to-alls itself. `MoeLayer.
+expert_parallel` instead runs the dispatch inside `jax.shard_map` with
+explicit collectives (`moe_jax.moe.expert_parallel`).
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "expert", "model")
+from moe_jax.axes import DATA, EXPERT, MESH_AXES, MODEL, Logical
 
 LogicalRules = tuple[tuple[str, Optional[Any]], ...]
 
@@ -41,7 +43,7 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
     A `Mesh` of shape [data, expert, model].
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": data, "expert": expert, "model": model}
+  sizes = {DATA: data, EXPERT: expert, MODEL: model}
   for name, size in sizes.items():
     if size == 0 or size < -1:
       raise ValueError(f"make_mesh: {name}={size} must be positive or -1.")
@@ -75,19 +77,19 @@ def logical_axis_rules(fsdp: bool = False) -> LogicalRules:
     `nn.logical_axis_rules` / `nn.logical_to_mesh_sharding`.
   """
   return (
-      ("batch", ("data", "expert")),
-      ("length", None),
-      ("embed", "data" if fsdp else None),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("kv", None),
-      ("vocab", "model"),
-      ("relpos_buckets", None),
-      ("expert", "expert"),
-      ("expert_mlp", "model"),
-      ("expert_replicas", "data"),
-      ("expert_group", ("data", "expert")),
-      ("unmodeled", None),
+      (Logical.BATCH, (DATA, EXPERT)),
+      (Logical.LENGTH, None),
+      (Logical.EMBED, DATA if fsdp else None),
+      (Logical.MLP, MODEL),
+      (Logical.HEADS, MODEL),
+      (Logical.KV, None),
+      (Logical.VOCAB, MODEL),
+      (Logical.RELPOS_BUCKETS, None),
+      (Logical.EXPERT, EXPERT),
+      (Logical.EXPERT_MLP, MODEL),
+      (Logical.EXPERT_REPLICAS, DATA),
+      (Logical.EXPERT_GROUP, (DATA, EXPERT)),
+      (Logical.UNMODELED, None),
   )
 
 

@@ -18,7 +18,7 @@ def test_capture_reproduces_output_and_load(router, dispatch):
   mask = np.ones((2, 12), bool)
   mask[1, 8:] = False
   params = init(layer, x)
-  (y, stats), state = layer.apply(params, x, padding_mask=jnp.asarray(mask),
+  (y, stats), state = layer.apply(params, x, token_mask=jnp.asarray(mask),
                                   deterministic=True,
                                   mutable=[metric_names.ROUTING])
   captured = {k: np.asarray(v[0])

@@ -1,10 +1,17 @@
-"""Capacity formula and token grouping."""
+"""Capacity formula, token grouping, the path registry, profile scopes."""
 
+import pathlib
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.moe import dispatch
+from moe_jax import gin_utils
+from moe_jax.models import configured_model_config
+from moe_jax.moe import dispatch, grouped_matmul
+from tests.layer_helpers import init, inputs, make_layer
 
 
 @pytest.mark.parametrize("tokens,experts,factor,min_cap,k,want", [
@@ -45,3 +52,44 @@ def test_group_tokens_pads_with_zeros():
   assert grouped.shape == (2, 3, 2)
   np.testing.assert_array_equal(grouped.reshape(6, 2)[:5], x)
   np.testing.assert_array_equal(grouped[1, 2], 0.0)
+
+
+def test_every_path_is_registered():
+  assert set(dispatch.PATHS) == set(dispatch.Dispatch)
+
+
+@pytest.mark.parametrize("router,path", [("top2", "einsum"),
+                                         ("expert_choice", "scatter"),
+                                         ("top1", "scatter"),
+                                         ("top2", "dropless")])
+def test_profile_scopes_name_the_steps(router, path):
+  layer = make_layer(router, path)
+  x = inputs()
+  params = init(layer, x)
+  lowered = jax.jit(lambda p, v: layer.apply(p, v, deterministic=True)).lower(
+      params, x)
+  scopes = set(re.findall(r"\b(route|dispatch|experts|combine)/",
+                          lowered.as_text(debug_info=True)))
+  assert scopes == {"route", "dispatch", "experts", "combine"}
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DISPATCH_GIN = sorted(p.relative_to(ROOT).as_posix()
+                      for p in (ROOT / "gin" / "dispatch").glob("*.gin"))
+
+
+def _configured(*files):
+  gin_utils.parse(files, [])
+  return configured_model_config()
+
+
+@pytest.mark.parametrize("path", DISPATCH_GIN)
+def test_dispatch_gin_files_reach_both_stacks(path):
+  config = _configured("gin/models/t5_1_1_tiny_moe.gin", path)
+  default = _configured("gin/models/t5_1_1_tiny_moe.gin")
+  for stack in ("encoder", "decoder"):
+    moe, plain = config.moe(stack), default.moe(stack)
+    assert (moe.dispatch, moe.grouped_matmul) != (plain.dispatch,
+                                                  plain.grouped_matmul)
+    dispatch.Dispatch(moe.dispatch)
+    grouped_matmul.GroupedMatmul(moe.grouped_matmul)

@@ -1,10 +1,5 @@
 """The shard_map expert-parallel path: knob checks here, equivalence on 8 fake CPUs."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,8 +8,7 @@ from moe_jax import gin_utils
 from moe_jax.moe.layer import MoeLayer
 from moe_jax.models import configured_model_config
 from moe_jax.moe.routers import TokenChoiceRouter
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.multidevice.runner import run_check
 
 
 def layer(**overrides):
@@ -46,20 +40,7 @@ def test_gin_file_turns_it_on_in_both_stacks():
   assert not configured_model_config().encoder_moe.expert_parallel
 
 
-def run_check(case: str) -> str:
-  env = dict(os.environ,
-             XLA_FLAGS=("--xla_force_host_platform_device_count=8 "
-                        "--xla_backend_optimization_level=0"),
-             PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  proc = subprocess.run(
-      [sys.executable, "-m", "tests.multidevice.check_expert_parallel", case],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-      check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout
-
-
 @pytest.mark.parametrize("case", ["layer", "model"])
 def test_expert_parallel_matches_one_device_on_8_fake_devices(case):
   # 4 routers x 5 meshes, each printing one "ok" line.
-  assert run_check(case).count("ok ") == 20
+  assert run_check("check_expert_parallel", case).count("ok ") == 20

@@ -48,7 +48,7 @@ def test_expert_choice_matches_slow_reference(dispatch):
   mask = np.ones((2, 12), bool)
   mask[1, 9:] = False
   params = init(layer, x)
-  y, stats = apply(layer, params, x, padding_mask=jnp.asarray(mask))
+  y, stats = apply(layer, params, x, token_mask=jnp.asarray(mask))
   kernel, wi, wo = numpy_params(params)
   want, taken = ref.expert_choice(
       np.asarray(x, np.float64).reshape(24, 8), mask.reshape(24), kernel, wi,
@@ -65,7 +65,7 @@ def test_expert_choice_matches_slow_reference(dispatch):
 
 def _loss_and_grads(layer, params, x, mask):
   def loss(params, x):
-    y, stats = layer.apply(params, x, padding_mask=mask, deterministic=True)
+    y, stats = layer.apply(params, x, token_mask=mask, deterministic=True)
     return jnp.sum(jnp.sin(y)) + stats.auxiliary_loss + stats.router_z_loss
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
@@ -79,7 +79,7 @@ def test_paths_agree_on_outputs_drops_and_gradients(router):
   for path in paths:
     layer = make_layer(router, path, factor=0.75)
     params = init(layer, x)
-    y, stats = apply(layer, params, x, padding_mask=mask)
+    y, stats = apply(layer, params, x, token_mask=mask)
     results[path] = (y, stats, _loss_and_grads(layer, params, x, mask))
   (y0, s0, (l0, g0)), (y1, s1, (l1, g1)) = results.values()
   np.testing.assert_allclose(y0, y1, atol=1e-5)
@@ -101,7 +101,7 @@ def test_dropless_equals_capacity_paths_with_ample_capacity(router):
     # factor 8 with 4 experts: C = S, nothing can drop.
     layer = make_layer(router, path, factor=8.0)
     params = init(layer, x)
-    y, stats = apply(layer, params, x, padding_mask=mask)
+    y, stats = apply(layer, params, x, token_mask=mask)
     outs[path] = (y, stats.expert_load, _loss_and_grads(layer, params, x,
                                                         mask))
     assert float(stats.fraction_tokens_left_behind) == 0.0
@@ -265,5 +265,5 @@ def test_bad_shapes_fail_with_the_knob():
   with pytest.raises(ValueError, match="rank 2"):
     init(make_layer(), x[0])
   params = init(make_layer(), x)
-  with pytest.raises(ValueError, match="padding_mask"):
-    apply(make_layer(), params, x, padding_mask=jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="token_mask"):
+    apply(make_layer(), params, x, token_mask=jnp.ones((2, 3)))

@@ -45,7 +45,7 @@ def test_padding_tokens_are_never_routed():
   x = inputs()
   mask = jnp.ones((2, 12)).at[0, 8:].set(0)
   params = init(layer, x)
-  y, stats = apply(layer, params, x, padding_mask=mask)
+  y, stats = apply(layer, params, x, token_mask=mask)
   np.testing.assert_array_equal(np.asarray(y[0, 8:]), 0.0)
   assert float(stats.expert_load.sum()) == 20 * 2  # 20 real tokens, k = 2
   # Real tokens are routed as without the padding tokens (same capacity).

@@ -137,6 +137,7 @@ class TransformerLayer(nn.Module):
           num_experts=moe.num_experts,
           expert_hidden_dim=moe.expert_hidden_dim or cfg.mlp_dim,
           router=moe.router.clone(), dispatch=moe.dispatch,
+          grouped_matmul=moe.grouped_matmul,
           train_capacity_factor=moe.train_capacity_factor,
           eval_capacity_factor=moe.eval_capacity_factor,
           min_expert_capacity=moe.min_expert_capacity,

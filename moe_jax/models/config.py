@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from moe_jax import knobs
 from moe_jax.moe.dispatch import Dispatch
 from moe_jax.moe.experts import Activation
+from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router
 
 
@@ -51,7 +52,7 @@ class MoeConfig:
     sparse_every: the FFN of the last layer of every block of this many
       layers is an MoE layer (2: layers 1, 3, 5, ...; 1: every layer).
     extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
-    dispatch, train_capacity_factor, eval_capacity_factor,
+    dispatch, grouped_matmul, train_capacity_factor, eval_capacity_factor,
     min_expert_capacity, max_group_size, expert_dropout_rate: see
       `moe_jax.moe.layer.MoeLayer`.
     activation: expert activation; None: the model's FFN activation.
@@ -63,6 +64,7 @@ class MoeConfig:
   sparse_every: int = 2
   extra_dense_ffn: bool = False
   dispatch: Dispatch = Dispatch.SCATTER
+  grouped_matmul: GroupedMatmul = GroupedMatmul.RAGGED_DOT
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4

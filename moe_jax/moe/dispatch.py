@@ -11,28 +11,32 @@ All three paths compute one function, y[g, s] = sum over dispatched
 * `scatter`: tokens written into <[E, G * C, D]> expert buffers by index and
   read back by gather. Memory O(S * K * D); never builds an [S, E, C] array.
 * `dropless`: the N * K (token, expert) pairs sorted by expert and fed to one
-  grouped matmul (`jax.lax.ragged_dot`); no capacity, nothing dropped.
-  Token choice only.
+  grouped matmul (`moe_jax.moe.grouped_matmul`); no capacity, nothing
+  dropped. Token choice only.
 
-`expert_fn` maps <[E, T, D]> to <[E, T, D]> (one batched matmul over the
-leading expert axis); `grouped_expert_fn` maps sorted rows <[M, D]> and
-<int32>[E] group sizes to <[M, D]>.
+`PATHS` holds them, all with the signature of `DispatchPath`:
+(x <[G, S, D]>, decision, E, experts, C) -> <[G, S, D]>. The capacity paths
+call `experts.batched` on <[E, T, D]> buffers, the dropless path
+`experts.grouped` on sorted rows; expert parallelism swaps the `ExpertFns`
+and leaves the paths alone. Each path shows in profiles as the named scopes
+"dispatch", "experts" and "combine".
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe.experts import ExpertFns
 from moe_jax.moe.routing import RoutingDecision, TokenChoice
 
 Array = jax.Array
-ExpertFn = Callable[[Array], Array]
-GroupedExpertFn = Callable[[Array, Array], Array]
+DispatchPath = Callable[
+    [Array, RoutingDecision, int, ExpertFns, Optional[int]], Array]
 
 
 class Dispatch(str, enum.Enum):
@@ -104,12 +108,15 @@ def group_tokens(x: Array, num_groups: int, group_size: int) -> Array:
   return x.reshape(num_groups, group_size, *x.shape[1:])
 
 
-def _expert_buffers_to_experts(buffers: Array, expert_fn: ExpertFn) -> Array:
-  """<[G, E, C, D]> through experts, keeping the layout."""
-  groups, experts, capacity, width = buffers.shape
-  stacked = jnp.swapaxes(buffers, 0, 1).reshape(experts, groups * capacity,
-                                                width)
-  out = expert_fn(stacked).reshape(experts, groups, capacity, width)
+def _buffers_through_experts(buffers: Array, experts: ExpertFns) -> Array:
+  """<[G, E, C, D]> through the experts as <[E, G * C, D]>, keeping the
+  layout."""
+  groups, num_experts, capacity, width = buffers.shape
+  stacked = jnp.swapaxes(buffers, 0, 1).reshape(num_experts,
+                                                groups * capacity, width)
+  with jax.named_scope("experts"):
+    out = experts.batched(stacked)
+  out = out.reshape(num_experts, groups, capacity, width)
   return jnp.swapaxes(out, 0, 1)
 
 
@@ -139,63 +146,84 @@ def einsum_masks(decision: RoutingDecision, num_experts: int, capacity: int,
 
 
 def einsum_dispatch(x: Array, decision: RoutingDecision, num_experts: int,
-                    expert_fn: ExpertFn, capacity: int) -> Array:
+                    experts: ExpertFns, capacity: int) -> Array:
   """Dispatch and combine with one-hot masks. x: [G, S, D] -> [G, S, D]."""
-  dispatch, combine = einsum_masks(decision, num_experts, capacity, x.shape[1])
-  buffers = jnp.einsum("gsec,gsd->gecd", dispatch.astype(x.dtype), x)
-  out = _expert_buffers_to_experts(buffers, expert_fn)
-  return jnp.einsum("gsec,gecd->gsd", combine.astype(out.dtype), out)
+  with jax.named_scope("dispatch"):
+    dispatch, combine = einsum_masks(decision, num_experts, capacity,
+                                     x.shape[1])
+    buffers = jnp.einsum("gsec,gsd->gecd", dispatch.astype(x.dtype), x)
+  out = _buffers_through_experts(buffers, experts)
+  with jax.named_scope("combine"):
+    return jnp.einsum("gsec,gecd->gsd", combine.astype(out.dtype), out)
 
 
 def scatter_dispatch(x: Array, decision: RoutingDecision, num_experts: int,
-                     expert_fn: ExpertFn, capacity: int) -> Array:
+                     experts: ExpertFns, capacity: int) -> Array:
   """Dispatch by index into <[G, E*C, D]> buffers, combine by gather."""
   groups, group_size, width = x.shape
   group_index = jnp.arange(groups)[:, None, None]
+  to_experts = lambda buffers: _buffers_through_experts(
+      buffers.reshape(groups, num_experts, capacity, width), experts)
   if isinstance(decision, TokenChoice):
-    # Undispatched choices point one past the end and are dropped / read as 0.
-    slot = jnp.where(decision.dispatched,
-                     decision.expert_index * capacity + decision.position,
-                     num_experts * capacity)  # [G, S, K]
-    k = slot.shape[-1]
-    tokens = jnp.broadcast_to(x[:, :, None, :], (groups, group_size, k, width))
-    buffers = jnp.zeros((groups, num_experts * capacity, width), x.dtype)
-    buffers = buffers.at[group_index, slot].add(tokens, mode="drop")
-    out = _expert_buffers_to_experts(
-        buffers.reshape(groups, num_experts, capacity, width), expert_fn)
-    out = out.reshape(groups, num_experts * capacity, width)
-    gathered = out.at[group_index, slot].get(mode="fill", fill_value=0)
-    return jnp.einsum("gsk,gskd->gsd", decision.gates.astype(out.dtype),
-                      gathered)
-  token_index = decision.token_index.reshape(groups, -1)  # [G, E*C]
-  buffers = jnp.take_along_axis(x, token_index[..., None], axis=1)
-  buffers = buffers * decision.dispatched.reshape(groups, -1, 1).astype(x.dtype)
-  out = _expert_buffers_to_experts(
-      buffers.reshape(groups, num_experts, capacity, width), expert_fn)
-  weighted = out.reshape(groups, -1, width) * decision.gates.reshape(
-      groups, -1, 1).astype(out.dtype)
-  combined = jnp.zeros((groups, group_size, width), out.dtype)
-  return combined.at[group_index[..., 0], token_index].add(weighted)
+    with jax.named_scope("dispatch"):
+      # Undispatched choices point one past the end: dropped / read as 0.
+      slot = jnp.where(decision.dispatched,
+                       decision.expert_index * capacity + decision.position,
+                       num_experts * capacity)  # [G, S, K]
+      k = slot.shape[-1]
+      tokens = jnp.broadcast_to(x[:, :, None, :],
+                                (groups, group_size, k, width))
+      buffers = jnp.zeros((groups, num_experts * capacity, width), x.dtype)
+      buffers = buffers.at[group_index, slot].add(tokens, mode="drop")
+    out = to_experts(buffers).reshape(groups, num_experts * capacity, width)
+    with jax.named_scope("combine"):
+      gathered = out.at[group_index, slot].get(mode="fill", fill_value=0)
+      return jnp.einsum("gsk,gskd->gsd", decision.gates.astype(out.dtype),
+                        gathered)
+  with jax.named_scope("dispatch"):
+    token_index = decision.token_index.reshape(groups, -1)  # [G, E*C]
+    buffers = jnp.take_along_axis(x, token_index[..., None], axis=1)
+    buffers = buffers * decision.dispatched.reshape(groups, -1, 1).astype(
+        x.dtype)
+  out = to_experts(buffers)
+  with jax.named_scope("combine"):
+    weighted = out.reshape(groups, -1, width) * decision.gates.reshape(
+        groups, -1, 1).astype(out.dtype)
+    combined = jnp.zeros((groups, group_size, width), out.dtype)
+    return combined.at[group_index[..., 0], token_index].add(weighted)
 
 
 def dropless_dispatch(x: Array, decision: TokenChoice, num_experts: int,
-                      grouped_expert_fn: GroupedExpertFn) -> Array:
+                      experts: ExpertFns,
+                      capacity: Optional[int] = None) -> Array:
   """Sort (token, choice) pairs by expert; one grouped matmul; unsort.
 
   Every pair is computed (padding and skipped choices carry gate 0), so the
-  shapes are static: M = G * S * K rows.
+  shapes are static: M = G * S * K rows. `capacity` is unused: nothing is
+  dropped.
   """
+  del capacity
   if not isinstance(decision, TokenChoice):
     raise ValueError("the dropless dispatch path needs token choice routing; "
                      f"got {type(decision).__name__}")
   groups, group_size, width = x.shape
   k = decision.expert_index.shape[-1]
-  experts = decision.expert_index.reshape(-1)  # [M]
-  order = jnp.argsort(experts, stable=True)  # [M]
-  token_of_row = order // k
-  rows = jnp.take(x.reshape(-1, width), token_of_row, axis=0)  # [M, D]
-  group_sizes = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
-  out_sorted = grouped_expert_fn(rows, group_sizes)
-  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-  out = out.reshape(groups, group_size, k, width)
-  return jnp.einsum("gsk,gskd->gsd", decision.gates.astype(out.dtype), out)
+  with jax.named_scope("dispatch"):
+    expert_of_pair = decision.expert_index.reshape(-1)  # [M]
+    order = jnp.argsort(expert_of_pair, stable=True)  # [M]
+    rows = jnp.take(x.reshape(-1, width), order // k, axis=0)  # [M, D]
+    group_sizes = jnp.bincount(expert_of_pair,
+                               length=num_experts).astype(jnp.int32)
+  with jax.named_scope("experts"):
+    out_sorted = experts.grouped(rows, group_sizes)
+  with jax.named_scope("combine"):
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+    out = out.reshape(groups, group_size, k, width)
+    return jnp.einsum("gsk,gskd->gsd", decision.gates.astype(out.dtype), out)
+
+
+PATHS: dict[Dispatch, DispatchPath] = {
+    Dispatch.EINSUM: einsum_dispatch,
+    Dispatch.SCATTER: scatter_dispatch,
+    Dispatch.DROPLESS: dropless_dispatch,
+}

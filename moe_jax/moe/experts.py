@@ -3,25 +3,31 @@
 Dimension names: E experts, D model width, F expert hidden width (d_ff),
 T tokens per expert (capacity paths), M sorted rows (dropless path).
 
-One set of weights serves both layouts:
+`Experts` only creates the weights; `apply_experts` is the pure MLP over
+them, and `ExpertFns` binds the two to the layouts the dispatch paths use:
 * batched, x <[E, T, D]>: one einsum over the leading expert axis;
-* grouped, x <[M, D]> sorted by expert with <int32>[E] group sizes:
-  `jax.lax.ragged_dot`, each row multiplied by its own expert's weights.
+* grouped, x <[M, D]> sorted by expert with <int32>[E] group sizes: the
+  configured grouped matmul (`moe_jax.moe.grouped_matmul`), each row
+  multiplied by its own expert's weights.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from moe_jax import axes
+from moe_jax.moe.grouped_matmul import GroupedMatmulFn
 
-WI_AXES = ("expert", "embed", "expert_mlp")
-WO_AXES = ("expert", "expert_mlp", "embed")
+Array = jax.Array
+# {name: <[E, D, F]> ("wi", "wi_0", "wi_1") or <[E, F, D]> ("wo")}.
+Weights = dict[str, Array]
 
 
 class Activation(str, enum.Enum):
@@ -64,71 +70,107 @@ def expert_kernel_init() -> nn.initializers.Initializer:
 
 
 class Experts(nn.Module):
-  """E independent MLPs D -> F -> D, no biases.
+  """The weights of E independent MLPs D -> F -> D, no biases.
 
   Attributes:
     num_experts: E.
     hidden_dim: F.
-    activation: see `Activation`.
-    dropout_rate: dropout on the hidden activations (expert dropout; ST-MoE
-      fine-tunes with a higher rate here than in the dense layers).
-    dtype: activation and matmul dtype.
+    activation: see `Activation` (which weights exist).
+    dtype: dtype the weights are returned in (the matmul dtype).
     param_dtype: dtype of the stored weights.
   """
   num_experts: int
   hidden_dim: int
   activation: Activation = Activation.GATED_GELU
-  dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = expert_kernel_init()
 
-  def _weight(self, name: str, shape: tuple[int, ...], axes) -> Array:
-    init = nn.with_logical_partitioning(self.kernel_init, axes)
-    return jnp.asarray(self.param(name, init, shape, self.param_dtype),
-                       self.dtype)
-
   @nn.compact
-  def __call__(self, x: Array, group_sizes: Optional[Array] = None, *,
-               deterministic: bool,
-               exchange: Optional[Callable[[Array, dict], Array]] = None
-               ) -> Array:
-    """Applies the experts.
+  def __call__(self, width: int) -> Weights:
+    """The weights for model width D = `width` (see `Weights`)."""
+    def weight(name: str) -> Array:
+      shape, logical = (
+          ((self.num_experts, self.hidden_dim, width), axes.EXPERT_WO)
+          if name == "wo" else
+          ((self.num_experts, width, self.hidden_dim), axes.EXPERT_WI))
+      init = nn.with_logical_partitioning(self.kernel_init, logical)
+      return jnp.asarray(self.param(name, init, shape, self.param_dtype),
+                         self.dtype)
+    return {name: weight(name)
+            for name in Activation(self.activation).weight_names}
 
-    Args:
-      x: <[E, T, D]> tokens per expert, or <[M, D]> rows sorted by expert
-        when `group_sizes` is given.
-      group_sizes: <int32>[E] rows per expert (grouped layout), or None.
-      deterministic: disables dropout.
-      exchange: if given, replaces the local computation: it gets x and the
-        weights {name: <[E, D, F]> or <[E, F, D]>} (see
-        `Activation.weight_names`) and returns the output; used by
-        `moe_jax.moe.expert_parallel`, which has no expert dropout.
 
-    Returns:
-      Same shape as x.
-    """
-    width = x.shape[-1]
-    if group_sizes is None:
-      matmul = lambda a, w: jnp.einsum("etd,edf->etf", a, w)
-    else:
-      matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+def _identity(h: Array) -> Array:
+  return h
 
-    def weight(name: str, into_hidden: bool) -> Array:
-      if into_hidden:
-        return self._weight(name, (self.num_experts, width, self.hidden_dim),
-                            WI_AXES)
-      return self._weight(name, (self.num_experts, self.hidden_dim, width),
-                          WO_AXES)
 
-    activation = Activation(self.activation)
-    if exchange is not None:
-      weights = {name: weight(name, name != "wo")
-                 for name in activation.weight_names}
-      return exchange(x.astype(self.dtype), weights)
-    dropout = nn.Dropout(self.dropout_rate)
-    return mlp(x.astype(self.dtype), activation, weight,
-               matmul, lambda h: dropout(h, deterministic=deterministic))
+def batched_matmul(x: Array, w: Array) -> Array:
+  """<[E, T, P]> x <[E, P, Q]> -> <[E, T, Q]>, one matmul per expert."""
+  return jnp.einsum("etp,epq->etq", x, w)
+
+
+def apply_experts(x: Array, weights: Weights, activation: Activation,
+                  matmul: Callable[[Array, Array], Array],
+                  hidden_dropout: Callable[[Array], Array] = _identity
+                  ) -> Array:
+  """The expert MLPs on x (cast to the weights' dtype), rows meeting the
+  weights through `matmul`."""
+  x = x.astype(weights["wo"].dtype)
+  return mlp(x, activation, lambda name, _: weights[name], matmul,
+             hidden_dropout)
+
+
+@struct.dataclass
+class ExpertFns:
+  """The experts bound to their weights, in the two layouts of the paths.
+
+  A pytree whose leaves are the weights (the functions are static), so
+  `moe_jax.moe.expert_parallel` can split the weights over devices and
+  rebind the functions around its collectives.
+
+  Attributes:
+    weights: see `Weights`.
+    batched_fn: (weights, x <[E, T, D]>) -> <[E, T, D]>.
+    grouped_fn: (weights, rows <[M, D]> sorted by expert, group sizes
+      <int32>[E]) -> <[M, D]>.
+    buffer_axes: logical axes the batched input is constrained to, or None
+      (inside `jax.shard_map`, where the mesh axes are manual).
+  """
+  weights: Weights
+  batched_fn: Callable[[Weights, Array], Array] = struct.field(
+      pytree_node=False)
+  grouped_fn: Callable[[Weights, Array, Array], Array] = struct.field(
+      pytree_node=False)
+  buffer_axes: Optional[tuple[str, ...]] = struct.field(pytree_node=False,
+                                                        default=None)
+
+  def batched(self, x: Array) -> Array:
+    """<[E, T, D]> -> <[E, T, D]>."""
+    if self.buffer_axes is not None:
+      x = nn.with_logical_constraint(x, self.buffer_axes)
+    return self.batched_fn(self.weights, x)
+
+  def grouped(self, rows: Array, group_sizes: Array) -> Array:
+    """<[M, D]> sorted by expert, <int32>[E] -> <[M, D]>."""
+    return self.grouped_fn(self.weights, rows, group_sizes)
+
+
+def expert_fns(weights: Weights, activation: Activation,
+               grouped_matmul: GroupedMatmulFn,
+               hidden_dropout: Callable[[Array], Array] = _identity
+               ) -> ExpertFns:
+  """The experts on one program (XLA's SPMD partitioner shards them); the
+  expert buffers are constrained to `axes.EXPERT_BUFFERS`."""
+  apply = functools.partial(apply_experts, activation=activation,
+                            hidden_dropout=hidden_dropout)
+  return ExpertFns(
+      weights,
+      batched_fn=lambda w, x: apply(x, w, matmul=batched_matmul),
+      grouped_fn=lambda w, rows, sizes: apply(
+          rows, w, matmul=functools.partial(grouped_matmul,
+                                            group_sizes=sizes)),
+      buffer_axes=axes.EXPERT_BUFFERS)
 
 
 def mlp(x: Array, activation: Activation,

@@ -9,7 +9,8 @@ Data flow for x <[B, L, D]>:
   3. dispatch to experts along the configured path (einsum, scatter,
      dropless); tokens over capacity are dropped: their MoE output is 0 and
      the model's residual connection carries them through;
-  4. experts: one batched matmul over the leading expert axis;
+  4. experts: one batched matmul over the leading expert axis (capacity
+     paths) or the configured grouped matmul over sorted rows (dropless);
   5. combine with the gates back to <[B, L, D]>.
 
 The layer returns `(y, MoeStats)` and also sows every `MoeStats` field into
@@ -28,14 +29,12 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax import knobs
-from moe_jax.moe import capture, metric_names
-from moe_jax.moe.dispatch import (Dispatch, dropless_dispatch, einsum_dispatch,
-                                  expert_capacity, group_shape, group_tokens,
-                                  scatter_dispatch)
-from moe_jax.moe.expert_parallel import (check_mesh, expert_parallel_dispatch,
-                                         group_shards)
-from moe_jax.moe.experts import Activation, Experts
+from moe_jax import axes, knobs
+from moe_jax.moe import capture, expert_parallel, grouped_matmul, metric_names
+from moe_jax.moe.dispatch import (PATHS, Dispatch, expert_capacity,
+                                  group_shape, group_tokens)
+from moe_jax.moe.experts import Activation, Experts, expert_fns
+from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router, TokenChoice
 
 Array = jax.Array
@@ -75,6 +74,8 @@ class MoeLayer(nn.Module):
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
       `dropless` never drops a token (token choice only).
+    grouped_matmul: `GroupedMatmul` of the dropless path (default
+      `ragged_dot`; see `moe_jax.moe.grouped_matmul`).
     train_capacity_factor: capacity factor when deterministic=False.
     eval_capacity_factor: capacity factor when deterministic=True.
     min_expert_capacity: lower bound on C.
@@ -100,6 +101,7 @@ class MoeLayer(nn.Module):
   expert_hidden_dim: int
   router: Router
   dispatch: Dispatch = Dispatch.SCATTER
+  grouped_matmul: GroupedMatmul = GroupedMatmul.RAGGED_DOT
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
@@ -126,6 +128,7 @@ class MoeLayer(nn.Module):
       raise ValueError("expert_hidden_dim must be >= 1; got "
                        f"expert_hidden_dim={self.expert_hidden_dim}")
     dispatch = knobs.choice(Dispatch, "dispatch", self.dispatch)
+    knobs.choice(GroupedMatmul, "grouped_matmul", self.grouped_matmul)
     knobs.choice(Activation, "activation", self.activation)
     if not isinstance(self.router, Router):
       raise ValueError(f"router must be a moe_jax.moe.routing.Router; got "
@@ -165,9 +168,9 @@ class MoeLayer(nn.Module):
         num_experts=self.num_experts,
         hidden_dim=self.expert_hidden_dim,
         activation=self.activation,
-        dropout_rate=self.expert_dropout_rate,
         dtype=self.dtype,
         param_dtype=self.param_dtype)
+    self.expert_dropout = nn.Dropout(self.expert_dropout_rate)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of `group_size` tokens (see `dispatch.expert_capacity`)."""
@@ -177,14 +180,14 @@ class MoeLayer(nn.Module):
                            self.min_expert_capacity,
                            self.router.capacity_multiplier)
 
-  def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
+  def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                deterministic: bool = False,
                token_ids: Optional[Array] = None) -> tuple[Array, MoeStats]:
     """Applies the layer.
 
     Args:
       x: <[B, L, D]> token representations.
-      padding_mask: <[B, L]> 1 (or True) for real tokens, 0 for padding;
+      token_mask: <[B, L]> 1 (or True) for real tokens, 0 for padding;
         None means every token is real. Padding tokens are never routed.
       deterministic: evaluation mode: eval capacity factor, no jitter, no
         dropout, no random second expert.
@@ -197,21 +200,22 @@ class MoeLayer(nn.Module):
       raise ValueError("MoeLayer expects inputs [batch, length, embed]; got "
                        f"x of rank {x.ndim} with shape {x.shape}")
     batch, length, width = x.shape
-    if padding_mask is None:
-      padding_mask = jnp.ones((batch, length), jnp.float32)
-    elif padding_mask.shape != (batch, length):
-      raise ValueError(f"padding_mask must have shape {(batch, length)}; got "
-                       f"{padding_mask.shape}")
+    if token_mask is None:
+      token_mask = jnp.ones((batch, length), jnp.float32)
+    elif token_mask.shape != (batch, length):
+      raise ValueError(f"token_mask must have shape {(batch, length)}; got "
+                       f"{token_mask.shape}")
     num_groups, group_size = group_shape(
         batch * length, self.max_group_size, self.pad_to_group_size,
-        group_multiple=group_shards() if self.expert_parallel else 1)
+        group_multiple=(expert_parallel.group_shards() if self.expert_parallel
+                        else 1))
     group = functools.partial(group_tokens, num_groups=num_groups,
                               group_size=group_size)
-    tokens = group(x.reshape(-1, width))
-    token_mask = group(padding_mask.reshape(-1).astype(jnp.float32))
+    tokens = nn.with_logical_constraint(group(x.reshape(-1, width)),
+                                        axes.GROUPED_TOKENS)
+    token_mask = group(token_mask.reshape(-1).astype(jnp.float32))
     if token_ids is not None:
       token_ids = group(token_ids.reshape(-1))
-    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
 
     dispatch = Dispatch(self.dispatch)
     capacity = self.capacity(group_size, deterministic)
@@ -220,27 +224,18 @@ class MoeLayer(nn.Module):
           tokens, token_mask, num_experts=self.num_experts,
           capacity=None if dispatch == Dispatch.DROPLESS else capacity,
           deterministic=deterministic, token_ids=token_ids)
-    decision = routed.decision
 
-    with jax.named_scope("experts"):
-      expert_fn = functools.partial(self.experts, deterministic=deterministic)
-      if self.expert_parallel:
-        # Before the experts create their weights, whose sharding would fail
-        # with a less clear error.
-        check_mesh(self.num_experts, tokens.shape[0], self.expert_hidden_dim)
-        out = self.experts(tokens, deterministic=deterministic, exchange=(
-            functools.partial(
-                expert_parallel_dispatch, decision=decision,
-                dispatch=dispatch, num_experts=self.num_experts,
-                capacity=capacity, activation=Activation(self.activation))))
-      elif dispatch == Dispatch.DROPLESS:
-        out = dropless_dispatch(tokens, decision, self.num_experts, expert_fn)
-      elif dispatch == Dispatch.EINSUM:
-        out = einsum_dispatch(tokens, decision, self.num_experts, expert_fn,
-                              capacity)
-      else:
-        out = scatter_dispatch(tokens, decision, self.num_experts, expert_fn,
-                               capacity)
+    run = PATHS[dispatch]
+    if self.expert_parallel:
+      # Checked before the experts create their weights, whose sharding
+      # would fail with a less clear error.
+      run = expert_parallel.wrap(run, expert_parallel.check_mesh(
+          self.num_experts, num_groups, self.expert_hidden_dim))
+    experts = expert_fns(
+        self.experts(width), Activation(self.activation),
+        grouped_matmul.resolve(self.grouped_matmul),
+        lambda h: self.expert_dropout(h, deterministic=deterministic))
+    out = run(tokens, routed.decision, self.num_experts, experts, capacity)
     out = out.reshape(-1, width)[:batch * length].reshape(batch, length, width)
 
     stats = self._stats(routed, token_mask, capacity, group_size)

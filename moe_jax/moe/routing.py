@@ -32,11 +32,9 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from moe_jax import axes
 
-# Router weights: model width in, experts out. 'unmodeled' keeps the small
-# expert axis of the router replicated (T5X MoE rule names).
-ROUTER_KERNEL_AXES = ("embed", "unmodeled")
+Array = jax.Array
 
 
 @struct.dataclass
@@ -143,7 +141,7 @@ class RouterWeights(nn.Module):
     """<float32>[G, S, D] -> <float32>[G, S, E] logits."""
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init,
-                                               ROUTER_KERNEL_AXES),
+                                               axes.ROUTER_KERNEL),
         (x.shape[-1], self.num_experts), jnp.float32)
     return jnp.einsum("gsd,de->gse", x, kernel,
                       precision=jax.lax.Precision.HIGHEST)

@@ -1,20 +1,18 @@
-"""Runs on 8 fake CPU devices: the shard_map expert-parallel path equals one device.
+"""On 8 fake CPU devices: the shard_map expert-parallel layer equals one device.
 
-Started by tests/test_expert_parallel.py with XLA_FLAGS set and the cases to
-run ("layer", "model"; default both); exits non-zero on a mismatch. For every mesh and router, the MoE layer and a tiny sparse T5
-with `expert_parallel=True` under the mesh give the loss and gradients of the
-plain layer / model on one device; expert kernels hold E / expert experts per
+Started by tests/test_expert_parallel.py with the cases to run ("layer",
+"model"; default both); exits non-zero on a mismatch. For every mesh and
+router, the MoE layer and a tiny sparse T5 with `expert_parallel=True` under
+the mesh give the loss and gradients of the plain layer / model on one
+device; expert kernels hold E / expert experts per
 device; the compiled program has an all-to-all (capacity paths) or an
 all-gather and reduce-scatter (dropless); num_experts not divisible by the
 expert axis is a ValueError.
 """
 
-import os
+from tests.multidevice import common  # first: checks XLA_FLAGS
 
-assert "xla_force_host_platform_device_count=8" in os.environ.get(
-    "XLA_FLAGS", ""), "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
-
-import dataclasses  # pylint: disable=g-import-not-at-top
+import dataclasses  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import sys
 
 import flax.linen as nn
@@ -26,21 +24,11 @@ from moe_jax import partitioning
 from moe_jax.moe.dispatch import Dispatch
 from moe_jax.moe.layer import MoeLayer
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
-from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
+from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train.objective import LossConfig, training_loss
 from moe_jax.train.step import model_inputs
 
-NUM_EXPERTS = 8
-MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
-ROUTERS = {
-    "top1": (lambda: TokenChoiceRouter(num_selected_experts=1),
-             Dispatch.SCATTER),
-    "top2": (lambda: TokenChoiceRouter(num_selected_experts=2),
-             Dispatch.EINSUM),
-    "expert_choice": (ExpertChoiceRouter, Dispatch.SCATTER),
-    "dropless": (lambda: TokenChoiceRouter(num_selected_experts=2),
-                 Dispatch.DROPLESS),
-}
+NUM_EXPERTS = common.NUM_EXPERTS
 # Collectives each path must compile to (HLO op names).
 COLLECTIVES = {Dispatch.SCATTER: ("all-to-all",),
                Dispatch.EINSUM: ("all-to-all",),
@@ -51,16 +39,14 @@ class LayerCase:
   """The MoE layer; loss = mean(y^2) + its losses."""
 
   def __init__(self, router, dispatch):
-    self.x = jax.random.normal(jax.random.key(0), (8, 4, 8), jnp.float32)
+    self.x = common.layer_inputs()
     self.plain = MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=16,
                           router=router(), dispatch=dispatch, max_group_size=4)
     self.parallel = self.plain.clone(expert_parallel=True)
     self.boxed = self.plain.init(jax.random.key(1), self.x,
                                  deterministic=True)["params"]
 
-  def loss(self, layer, params, x):
-    y, stats = layer.apply({"params": params}, x, deterministic=True)
-    return jnp.mean(y ** 2) + stats.auxiliary_loss + stats.router_z_loss
+  loss = staticmethod(common.layer_loss)
 
 
 class ModelCase:
@@ -94,34 +80,22 @@ class ModelCase:
 
 
 def check(case, name, dispatch, rules):
-  params = nn.unbox(case.boxed)
   grad_fn = lambda module: jax.jit(jax.value_and_grad(
       lambda p, x: case.loss(module, p, x)))
-  want_loss, want_grads = grad_fn(case.plain)(params, case.x)
+  want = grad_fn(case.plain)(nn.unbox(case.boxed), case.x)
   parallel_fn = grad_fn(case.parallel)
-  for shape in MESHES:
+  for shape in common.MESHES:
     label = f"{type(case).__name__} {name} {shape}"
     mesh = partitioning.make_mesh(*shape)
-    shardings = nn.unbox(partitioning.shardings_for(case.boxed, mesh, rules))
-    sharded = jax.device_put(params, shardings)
-    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
-        sharded) if "experts" in jax.tree_util.keystr(path)]
-    assert kernels, label
-    for kernel in kernels:
-      local = kernel.addressable_shards[0].data.shape
-      assert local[0] == NUM_EXPERTS // shape[1], (label, local)
+    sharded = common.place(case.boxed, mesh, rules, label)
     xs = jax.device_put(case.x, partitioning.replicated(mesh))
     with partitioning.axis_rules(mesh, rules):
       if shape[1] > 1:
         hlo = parallel_fn.lower(sharded, xs).compile().as_text()
         for op in COLLECTIVES[dispatch]:
           assert op in hlo, (label, op)
-      loss, grads = parallel_fn(sharded, xs)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6,
-                               err_msg=label)
-    jax.tree.map(lambda a, b, label=label: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=1e-6, err_msg=label), grads, want_grads)
-    print("ok", label, flush=True)
+      got = parallel_fn(sharded, xs)
+    common.assert_same(got, want, label)
 
 
 def check_indivisible_experts(rules):
@@ -144,7 +118,7 @@ def main(argv):
   check_indivisible_experts(rules)
   cases = {"layer": LayerCase, "model": ModelCase}
   for case_type in [cases[arg] for arg in argv[1:]] or cases.values():
-    for name, (router, dispatch) in ROUTERS.items():
+    for name, (router, dispatch) in common.ROUTERS.items():
       check(case_type(router, dispatch), name, dispatch, rules)
 
 
