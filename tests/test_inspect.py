@@ -45,7 +45,7 @@ def test_restores_the_trained_parameters(trained, checkpoint):
 
 
 def test_opens_an_earlier_step_and_refuses_a_missing_one(trained):
-  assert moe_inspect.available_steps(trained[0]) == [1, 2, 3]
+  assert moe_inspect.steps(trained[0]) == [1, 2, 3]
   assert moe_inspect.open_checkpoint(trained[0], step=2).step == 2
   with pytest.raises(ValueError, match="step=5"):
     moe_inspect.open_checkpoint(trained[0], step=5)

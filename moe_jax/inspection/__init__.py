@@ -12,7 +12,6 @@ See docs/inspect.md.
 """
 
 from moe_jax.inspection.checkpoint import (Checkpoint, ParamRecord,
-                                           available_steps,
                                            format_param_table,
                                            open_checkpoint, param_records)
 from moe_jax.inspection.plots import drop_fraction, expert_id_map, load_heatmap
@@ -21,10 +20,11 @@ from moe_jax.inspection.routing_report import (DROPPED, LayerReport,
                                                default_vocabulary,
                                                encode_texts, route_batch,
                                                route_text, text_batch)
+from moe_jax.train.checkpoints import steps
 
 __all__ = ["Checkpoint", "DROPPED", "LayerReport", "ParamRecord",
-           "RoutingReport", "Vocabulary", "available_steps",
+           "RoutingReport", "Vocabulary",
            "default_vocabulary", "drop_fraction", "encode_texts",
            "expert_id_map", "format_param_table", "load_heatmap",
            "open_checkpoint", "param_records", "route_batch", "route_text",
-           "text_batch"]
+           "steps", "text_batch"]
