@@ -25,6 +25,7 @@ from experiments.config import AUX_LOSSES, PRETRAIN_TASK, ExperimentConfig
 from experiments.plan import Job
 from experiments.variants import ModelSpec
 from moe_jax import flops
+from moe_jax.train import checkpoints
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -154,10 +155,10 @@ def run_job(config: ExperimentConfig, models: Models, job: Job) -> dict:
   model = _with_eval_capacity(models[job.model][0], job.eval_capacity_factor)
   train_loss = None
   if job.train:
-    params = run_lib.train(build_run(config, models, job)).state.params
+    params = run_lib.train(build_run(config, models, job)).loop.state.params
     train_loss = _final_cross_entropy(_model_dir(config, job))
   else:
-    params = run_lib.restore_params(str(_model_dir(config, job.init_from)))
+    params = checkpoints.restore_params(_model_dir(config, job.init_from))
   counts = flops.count(model, config.instruct_lengths["inputs"],
                        config.instruct_lengths["targets"])
   row = {

@@ -38,6 +38,7 @@ from moe_jax import gin_utils
 from moe_jax.models import (Architecture, TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
 from moe_jax.moe.routers import ExpertChoiceRouter
+from moe_jax.param_paths import flat_params
 
 PARTS = ("embeddings", "attention", "dense_ffn", "experts", "routers",
          "norms_and_other")
@@ -75,8 +76,7 @@ def abstract_params(config: TransformerConfig) -> dict:
 
 
 def _leaves(params: dict) -> list[tuple[str, tuple[int, ...]]]:
-  return [("/".join(str(getattr(k, "key", k)) for k in path), leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)]
+  return [(name, leaf.shape) for name, leaf in flat_params(params).items()]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import seqio
 
+from moe_jax.text import encode_texts
 from moe_jax.train.evaluation import ModelFns
 
 
@@ -56,15 +57,6 @@ def task_inputs(task_name: str, split: str,
   return records
 
 
-def _encode(vocabulary: seqio.Vocabulary, texts: Iterable[str],
-            length: int) -> np.ndarray:
-  rows = np.zeros((len(list(texts)), length), np.int32)
-  for i, text in enumerate(texts):
-    ids = list(vocabulary.encode(text))[:length - 1] + [vocabulary.eos_id]
-    rows[i, :len(ids)] = ids
-  return rows
-
-
 def _chunks(items: list, size: int) -> Iterator[list]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
@@ -76,10 +68,12 @@ def predict(fns: ModelFns, params: Any, vocabulary: seqio.Vocabulary,
   """Each record with its decoded greedy "prediction"."""
   out = []
   for chunk in _chunks(records, batch_size):
-    inputs = _encode(vocabulary, [r["inputs"] for r in chunk], input_length)
+    inputs = encode_texts([r["inputs"] for r in chunk], vocabulary,
+                          input_length)
     padded = np.zeros((batch_size, input_length), np.int32)
     padded[:len(chunk)] = inputs
-    tokens = np.asarray(fns.predict_batch(params, {"encoder_input_tokens": padded}))
+    tokens = np.asarray(fns.predict_batch(
+        params, {"encoder_input_tokens": padded}))
     for record, row in zip(chunk, tokens):
       ids = row.tolist()
       if vocabulary.eos_id in ids:

@@ -88,21 +88,16 @@ def train(args: argparse.Namespace, bindings: list[str]) -> None:
     print(summary.format_summary(configured, result))
 
 
-def _latest_params(configured):
-  from moe_jax.train import run as run_lib
-  return run_lib.restore_params(configured.train.model_dir)
-
-
 def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
   """Evaluates the latest checkpoint of MODEL_DIR on EVAL_CONFIG."""
+  from moe_jax.train import checkpoints
   from moe_jax.train.evaluation import Evaluator
   configured = _configured(args, bindings)
   if configured.eval is None:
     raise ValueError("EVAL_CONFIG is not set: bind it (gin/runs/train.gin) "
                      "and EVAL_MIXTURE")
-  params = _latest_params(configured)
-  from moe_jax.train.run import latest_step
-  step = latest_step(configured.train.model_dir)
+  step = checkpoints.resolve_step(configured.train.model_dir)
+  params = checkpoints.restore_params(configured.train.model_dir, step)
   evaluator = Evaluator(configured.eval, configured.model,
                         configured.data.objective, configured.train.model_dir)
   for task, values in evaluator.evaluate(params, step).items():
@@ -113,6 +108,7 @@ def infer(args: argparse.Namespace, bindings: list[str]) -> None:
   """Writes greedy predictions of the latest checkpoint as JSONL."""
   import seqio
   from moe_jax import infer as infer_lib
+  from moe_jax.train import checkpoints
   from moe_jax.train.evaluation import ModelFns
   if (args.task is None) == (args.input_file is None):
     raise ValueError("give exactly one of --task and --input_file")
@@ -128,8 +124,9 @@ def infer(args: argparse.Namespace, bindings: list[str]) -> None:
       "targets"].vocabulary
   fns = ModelFns(configured.model, configured.data.objective,
                  lengths["targets"], eos_id=vocabulary.eos_id)
-  predictions = infer_lib.predict(fns, _latest_params(configured), vocabulary,
-                                  records, lengths["inputs"], args.batch_size)
+  params = checkpoints.restore_params(configured.train.model_dir)
+  predictions = infer_lib.predict(fns, params, vocabulary, records,
+                                  lengths["inputs"], args.batch_size)
   infer_lib.write_jsonl(predictions, args.output)
   print(f"wrote {len(predictions)} predictions to {args.output}")
 

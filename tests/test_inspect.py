@@ -45,7 +45,7 @@ def test_restores_the_trained_parameters(trained, checkpoint):
 
 
 def test_opens_an_earlier_step_and_refuses_a_missing_one(trained):
-  assert moe_inspect.available_steps(trained[0]) == [1, 2, 3]
+  assert moe_inspect.steps(trained[0]) == [1, 2, 3]
   assert moe_inspect.open_checkpoint(trained[0], step=2).step == 2
   with pytest.raises(ValueError, match="step=5"):
     moe_inspect.open_checkpoint(trained[0], step=5)
@@ -106,7 +106,8 @@ def test_routing_numbers_match_a_numpy_reference(checkpoint):
     real = mask.sum()
     dropped = np.sum(~dispatched.any(1) & mask) / real
     assert dropped > 0  # capacity 0.5 with top-2 must drop
-    np.testing.assert_allclose(layer.fraction_dropped, dropped, rtol=1e-6)
+    np.testing.assert_allclose(layer.fraction_tokens_left_behind, dropped,
+                               rtol=1e-6)
     np.testing.assert_allclose(layer.expert_usage,
                                load.sum() / (NUM_EXPERTS * cap), rtol=1e-6)
     entropy = -np.sum(probs * np.log(probs), axis=1)
@@ -149,7 +150,7 @@ def test_plots_are_saved(checkpoint, tmp_path):
   report = moe_inspect.route_text(checkpoint, ["plot me"],
                                   vocabulary=_Bytes())
   for name, draw in (("load", moe_inspect.load_heatmap),
-                     ("drop", moe_inspect.drop_fraction)):
+                     ("left_behind", moe_inspect.fraction_left_behind)):
     fig = draw(report, path=tmp_path / f"{name}.png")
     assert fig.axes and (tmp_path / f"{name}.png").stat().st_size > 0
   fig = moe_inspect.expert_id_map(report, "decoder", path=tmp_path / "ids.png")

@@ -19,7 +19,9 @@ from moe_jax import gin_utils
 from moe_jax.main import main
 from moe_jax.models import MoeConfig, TransformerConfig
 from moe_jax.moe.routers import TokenChoiceRouter
+from moe_jax.train import checkpoints
 from moe_jax.train import run as run_lib
+from moe_jax.train import warm_start
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig
 from moe_jax.train.optimizers import OptimizerConfig
@@ -65,22 +67,22 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
   whole = run_lib.train(tiny_run(tmp_path / "whole", 6))
   run_lib.train(tiny_run(tmp_path / "parts", 3))
   resumed = run_lib.train(tiny_run(tmp_path / "parts", 6))
-  assert resumed.resumed_from == 3
-  assert [h["step"] for h in resumed.history] == [4, 5, 6]
-  assert [h["loss"] for h in resumed.history] == [
-      h["loss"] for h in whole.history[3:]]
-  for a, b in zip(jax.tree.leaves(whole.state.params),
-                  jax.tree.leaves(resumed.state.params)):
+  assert resumed.loop.resumed_from == 3
+  assert [h["step"] for h in resumed.loop.history] == [4, 5, 6]
+  assert [h["loss"] for h in resumed.loop.history] == [
+      h["loss"] for h in whole.loop.history[3:]]
+  for a, b in zip(jax.tree.leaves(whole.loop.state.params),
+                  jax.tree.leaves(resumed.loop.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == list(range(1, 7))
 
 
 def test_partial_initialization_by_name(tmp_path):
-  source = run_lib.train(tiny_run(tmp_path / "source", 2)).state.params
+  source = run_lib.train(tiny_run(tmp_path / "source", 2)).loop.state.params
   fresh = jax.tree.map(np.zeros_like, jax.tree.map(np.asarray, source))
-  filled, copied = run_lib.init_params_from(
-      fresh, jax.tree.map(np.asarray, source), run_lib.InitMode.MATCHING,
+  filled, copied = warm_start.init_params_from(
+      fresh, jax.tree.map(np.asarray, source), warm_start.InitMode.MATCHING,
       r"encoder/.*")
   assert copied and all(name.startswith("encoder/") for name in copied)
   np.testing.assert_array_equal(filled["encoder"]["final_norm"]["scale"],
@@ -89,7 +91,7 @@ def test_partial_initialization_by_name(tmp_path):
   # Through the trainer: a new run starts from the source's parameters.
   started = run_lib.train(tiny_run(
       tmp_path / "finetune", 1, init_checkpoint=str(tmp_path / "source")))
-  assert started.resumed_from is None
+  assert started.loop.resumed_from is None
 
 
 def _cli(model_dir, *extra):
@@ -149,7 +151,7 @@ def test_bad_knobs_fail_before_compiling(tmp_path, flag, knob):
                                TINY + [flag, f"--gin.MODEL_DIR='{tmp_path}'"]])
   with pytest.raises(ValueError, match=knob):
     run_lib.configured_run()
-  assert not (tmp_path / "checkpoints").exists()
+  assert not (tmp_path / checkpoints.CHECKPOINTS_DIR).exists()
 
 
 def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
@@ -173,6 +175,6 @@ def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
   output = process.communicate(timeout=120)[0]
   assert process.returncode == 0, output
   last = json.loads(metrics.read_text().splitlines()[-1])["step"]
-  assert run_lib.latest_step(str(model_dir)) == last
-  params = run_lib.restore_params(str(model_dir))
+  assert checkpoints.resolve_step(model_dir) == last
+  params = checkpoints.restore_params(model_dir)
   assert "encoder" in params and "decoder" in params

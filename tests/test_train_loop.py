@@ -65,11 +65,24 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
       [h["loss"] for h in whole.history])
 
 
-def test_keeps_the_last_checkpoints(tmp_path):
-  run(tmp_path, 7)
+def test_keeps_the_last_checkpoints_and_reads_their_params(tmp_path):
+  result = run(tmp_path, 7)
   ckpt = checkpoints.Checkpointer(str(tmp_path), "tiny", save_every=2, keep=2)
   assert ckpt.all_steps() == [6, 7]
   ckpt.close()
+  assert checkpoints.steps(tmp_path) == [6, 7]
+  assert checkpoints.resolve_step(tmp_path) == 7
+  jax.tree.map(np.testing.assert_array_equal,
+               checkpoints.restore_params(tmp_path), result.state.params)
+  step_dir = tmp_path / checkpoints.CHECKPOINTS_DIR / "6"
+  jax.tree.map(np.testing.assert_array_equal,
+               checkpoints.restore_params(step_dir),
+               checkpoints.restore_params(tmp_path, step=6))
+  with pytest.raises(ValueError, match=r"step=4 .*saved steps: \[6, 7\]"):
+    checkpoints.restore_params(tmp_path, step=4)
+  assert checkpoints.steps(tmp_path / "nothing") == []
+  with pytest.raises(ValueError, match="train first"):
+    checkpoints.resolve_step(tmp_path / "nothing")
 
 
 def test_a_different_config_is_refused(tmp_path):
@@ -119,7 +132,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
   process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env={**os.environ})
-  ckpt_dir = tmp_path / "checkpoints"
+  ckpt_dir = tmp_path / checkpoints.CHECKPOINTS_DIR
   deadline = time.time() + 240
   while time.time() < deadline and not (
       ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):

@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from moe_jax import gin_utils
 from moe_jax.models import (TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
-from moe_jax.train.checkpoints import CONFIG_FILE
-
-CHECKPOINTS_DIR = "checkpoints"
+from moe_jax.param_paths import flat_params
+from moe_jax.train import checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +55,6 @@ class ParamRecord:
   size: int
 
 
-def available_steps(model_dir: str | Path) -> list[int]:
-  """Steps with a checkpoint under MODEL_DIR/checkpoints, ascending."""
-  root = Path(model_dir) / CHECKPOINTS_DIR
-  if not root.is_dir():
-    return []
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.is_dir() and p.name.isdigit())
-
-
 def _logical_axes(boxed_params: Any) -> Any:
   is_boxed = lambda x: isinstance(x, nn.Partitioned)
   return jax.tree.map(
@@ -86,42 +74,28 @@ def open_checkpoint(model_dir: str | Path, step: Optional[int] = None
     ValueError: no config.gin, no checkpoint, or `step` not saved.
   """
   model_dir = Path(model_dir).resolve()
-  config_path = model_dir / CONFIG_FILE
+  config_path = model_dir / checkpoints.CONFIG_FILE
   if not config_path.is_file():
-    raise ValueError(f"{model_dir} has no {CONFIG_FILE}; is it a moe_jax "
-                     "model directory?")
-  steps = available_steps(model_dir)
-  if not steps:
-    raise ValueError(f"no checkpoint under {model_dir / CHECKPOINTS_DIR}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"step={step} has no checkpoint in {model_dir}; saved "
-                     f"steps: {steps}")
+    raise ValueError(f"{model_dir} has no {checkpoints.CONFIG_FILE}; is it a "
+                     "moe_jax model directory?")
+  step = checkpoints.resolve_step(model_dir, step)
   gin_utils.parse([str(config_path)])
   config = configured_model_config()
   model = build_model(config)
   boxed = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **dummy_batch(config, 1, 4, 4),
                          enable_dropout=False))["params"]
-  abstract = nn.unbox(boxed)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.CheckpointManager(model_dir / CHECKPOINTS_DIR) as manager:
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": abstract}, partial_restore=True,
-        restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=device),
-            {"params": abstract})))
-  return Checkpoint(model_dir, step, config, model, restored["params"],
+  params = checkpoints.restore_params(model_dir, step,
+                                      abstract_params=nn.unbox(boxed))
+  return Checkpoint(model_dir, step, config, model, params,
                     _logical_axes(boxed))
 
 
 def param_records(checkpoint: Checkpoint) -> list[ParamRecord]:
   """Every parameter of `checkpoint`, in path order."""
-  flat = flax.traverse_util.flatten_dict(checkpoint.params, sep="/")
-  axes = flax.traverse_util.flatten_dict(
-      checkpoint.logical_axes, sep="/",
-      is_leaf=lambda _, x: isinstance(x, tuple))
+  flat = flat_params(checkpoint.params)
+  axes = flat_params(checkpoint.logical_axes,
+                     is_leaf=lambda x: isinstance(x, tuple))
   return [ParamRecord(path, tuple(value.shape), str(value.dtype), axes[path],
                       str(getattr(value, "sharding", "host")),
                       math.prod(value.shape))

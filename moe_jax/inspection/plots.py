@@ -43,7 +43,7 @@ def load_heatmap(report: RoutingReport, path: Optional[str | Path] = None):
 def expert_id_map(report: RoutingReport, stack: str, example: int = 0,
                   path: Optional[str | Path] = None):
   """Token x layer map of the expert that processed each token (white:
-  dropped)."""
+  left behind, no expert processed it)."""
   tokens, layers, table = report.expert_id_table(stack, example)
   masked = np.ma.masked_equal(table, DROPPED)
   cmap = plt.get_cmap("tab20", report.num_experts).with_extremes(bad="white")
@@ -58,12 +58,15 @@ def expert_id_map(report: RoutingReport, stack: str, example: int = 0,
   return _finish(fig, path)
 
 
-def drop_fraction(report: RoutingReport, path: Optional[str | Path] = None):
-  """Bar chart of the fraction of real tokens dropped in each layer."""
+def fraction_left_behind(report: RoutingReport,
+                         path: Optional[str | Path] = None):
+  """Bar chart of each layer's `fraction_tokens_left_behind`: the fraction
+  of real tokens no expert processed."""
   names = report.layer_names()
   fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 3))
-  ax.bar(range(len(names)), [l.fraction_dropped for l in report.layers])
+  ax.bar(range(len(names)),
+         [l.fraction_tokens_left_behind for l in report.layers])
   ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-  ax.set_ylabel("fraction dropped")
+  ax.set_ylabel("fraction of tokens left behind")
   ax.set_ylim(0, 1)
   return _finish(fig, path)

@@ -15,26 +15,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.traverse_util
 import jax
 import numpy as np
 
-from moe_jax.moe import metric_names
 from moe_jax.inspection.checkpoint import Checkpoint
 from moe_jax.models import Architecture
+from moe_jax.moe import metric_names
+from moe_jax.text import Vocabulary, encode_texts
+from moe_jax.train.step import model_inputs
 
 DROPPED = -1  # expert id of a token no expert processed (or padding)
-
-
-class Vocabulary(Protocol):
-  """What inspection needs of a vocabulary (seqio vocabularies fit)."""
-  eos_id: int
-
-  def encode(self, s: str) -> Sequence[int]: ...
-
-  def decode(self, ids: Sequence[int]) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +38,8 @@ class LayerReport:
     name: module path, e.g. 'encoder/block_1/layer_0'.
     stack: 'encoder' or 'decoder'.
     expert_load: <float>[E] tokens dispatched to each expert.
-    fraction_dropped: real tokens processed by no expert / real tokens.
+    fraction_tokens_left_behind: real tokens processed by no expert / real
+      tokens (they pass on through the residual only).
     router_confidence: mean over real tokens of their summed combine weights.
     expert_usage: dispatched tokens / total expert capacity (FLAN-MoE).
     auxiliary_loss, router_z_loss: the layer's unweighted routing losses.
@@ -60,7 +54,7 @@ class LayerReport:
   name: str
   stack: str
   expert_load: np.ndarray
-  fraction_dropped: float
+  fraction_tokens_left_behind: float
   router_confidence: float
   expert_usage: float
   auxiliary_loss: float
@@ -103,7 +97,9 @@ class RoutingReport:
 
   def summary(self) -> list[dict[str, Any]]:
     """One record per layer with its scalar metrics and load."""
-    return [{"layer": l.name, "fraction_dropped": l.fraction_dropped,
+    return [{"layer": l.name,
+             metric_names.FRACTION_TOKENS_LEFT_BEHIND:
+                 l.fraction_tokens_left_behind,
              "router_confidence": l.router_confidence,
              "expert_usage": l.expert_usage,
              "router_entropy": l.router_entropy,
@@ -149,11 +145,11 @@ class RoutingReport:
 
   def format_summary(self) -> str:
     """A text table of `summary()`."""
-    head = (f"{'layer':<28} {'dropped':>8} {'confid':>7} {'usage':>7} "
+    head = (f"{'layer':<28} {'left_behind':>11} {'confid':>7} {'usage':>7} "
             f"{'entropy':>8}  load")
     lines = [head]
     for l in self.layers:
-      lines.append(f"{l.name:<28} {l.fraction_dropped:>8.3f} "
+      lines.append(f"{l.name:<28} {l.fraction_tokens_left_behind:>11.3f} "
                    f"{l.router_confidence:>7.3f} {l.expert_usage:>7.3f} "
                    f"{l.router_entropy:>8.3f}  "
                    f"{l.expert_load.astype(int).tolist()}")
@@ -210,8 +206,7 @@ def route_batch(checkpoint: Checkpoint, batch: Mapping[str, np.ndarray],
   Raises:
     ValueError: the model has no sparse layer.
   """
-  inputs = {k: np.asarray(v) for k, v in batch.items()
-            if k != "decoder_loss_weights"}
+  inputs = {k: np.asarray(v) for k, v in model_inputs(batch).items()}
   apply = jax.jit(lambda params, inputs: checkpoint.model.apply(
       {"params": params}, **inputs, enable_dropout=False,
       mutable=[metric_names.ROUTING]))
@@ -236,7 +231,8 @@ def route_batch(checkpoint: Checkpoint, batch: Mapping[str, np.ndarray],
     layers.append(LayerReport(
         name=name, stack=stack,
         expert_load=stats.expert_load[i],
-        fraction_dropped=float(stats.fraction_tokens_left_behind[i]),
+        fraction_tokens_left_behind=float(
+            stats.fraction_tokens_left_behind[i]),
         router_confidence=float(stats.router_confidence[i]),
         expert_usage=float(stats.expert_usage[i]),
         auxiliary_loss=float(stats.auxiliary_loss[i]),
@@ -252,19 +248,6 @@ def default_vocabulary() -> Vocabulary:
   """seqio's ByteVocabulary (imported here: seqio brings tensorflow)."""
   import seqio  # pylint: disable=g-import-not-at-top
   return seqio.ByteVocabulary()
-
-
-def encode_texts(texts: Sequence[str], vocabulary: Vocabulary,
-                 length: Optional[int] = None) -> np.ndarray:
-  """<int32>[B, length] ids of `texts`, each ended by EOS, padded with 0
-  (default length: the longest)."""
-  ids = [list(vocabulary.encode(t)) + [vocabulary.eos_id] for t in texts]
-  length = length or max(map(len, ids))
-  out = np.zeros((len(ids), length), np.int32)
-  for row, seq in zip(out, ids):
-    seq = seq[:length]
-    row[:len(seq)] = seq
-  return out
 
 
 def text_batch(checkpoint: Checkpoint, inputs: Sequence[str],

@@ -1,8 +1,12 @@
-"""Checkpoints of the train state (orbax), with the run's config beside them.
+"""The model directory: checkpoints of the train state (orbax), with the
+run's config beside them. This module is the one place that knows its layout:
 
-Layout of a model directory:
-  MODEL_DIR/config.gin         the operative config of the run that wrote it
-  MODEL_DIR/checkpoints/<step> orbax checkpoints (the last `keep` are kept)
+  MODEL_DIR/config.gin                 the operative config of the run
+  MODEL_DIR/checkpoints/<step>/default orbax checkpoint of the `TrainState`
+                                       (the last `keep` steps are kept)
+
+`Checkpointer` writes it during a run; `steps` and `restore_params` read it
+for evaluation, inference, warm starts and inspection.
 
 A model directory written with a different config is refused unless
 `overwrite_config=True`, so two runs never mix their checkpoints silently.
@@ -17,6 +21,82 @@ import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.gin"
+CHECKPOINTS_DIR = "checkpoints"
+_ITEM_DIR = "default"  # the CheckpointManager's single item in a step
+
+
+def steps(model_dir: str | Path) -> list[int]:
+  """Steps with a finished checkpoint in `model_dir`, ascending ([] if
+  none)."""
+  return sorted(ocp.utils.checkpoint_steps(Path(model_dir) / CHECKPOINTS_DIR))
+
+
+def resolve_step(model_dir: str | Path, step: Optional[int] = None) -> int:
+  """`step` (default: the newest step) after checking `model_dir` has it.
+
+  Raises:
+    ValueError: `model_dir` has no checkpoint, or none of `step`.
+  """
+  saved = steps(model_dir)
+  if not saved:
+    raise ValueError(f"no checkpoint under {Path(model_dir) / CHECKPOINTS_DIR}"
+                     " yet: train first")
+  if step is None:
+    return saved[-1]
+  if step not in saved:
+    raise ValueError(f"step={step} has no checkpoint in {model_dir}; saved "
+                     f"steps: {saved}")
+  return step
+
+
+def _item(path: Path, step: Optional[int]) -> Path:
+  """The orbax item of a model directory's `step` (default: the latest),
+  or of a step directory."""
+  if (path / CHECKPOINTS_DIR).is_dir() or (path / CONFIG_FILE).is_file():
+    path = path / CHECKPOINTS_DIR / str(resolve_step(path, step))
+  elif step is not None:
+    raise ValueError(f"step={step} given, but {path} is not a model "
+                     f"directory (it has no {CHECKPOINTS_DIR}/)")
+  if not path.is_dir():
+    raise ValueError(f"{path} is neither a model directory nor a checkpoint "
+                     "step directory")
+  return path / _ITEM_DIR if (path / _ITEM_DIR).is_dir() else path
+
+
+def restore_params(path: str | Path, step: Optional[int] = None,
+                   abstract_params: Any = None,
+                   sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+  """The parameters (`params` of the saved `TrainState`) of a checkpoint;
+  the optimizer state is not read.
+
+  Args:
+    path: a model directory, or one step's directory
+      (MODEL_DIR/checkpoints/<step>).
+    step: the model directory's step to read (default: the latest).
+    abstract_params: the tree to restore (`jax.ShapeDtypeStruct` leaves, e.g.
+      of the model about to use it: a saved tree that does not fit fails
+      here, and leaves are cast to these dtypes); default: the saved tree
+      as saved.
+    sharding: where every array goes (default: this process's first device).
+
+  Raises:
+    ValueError: no checkpoint at `path`, or `step` not saved.
+  """
+  item = _item(Path(path).resolve(), step)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(
+      jax.local_devices()[0])
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    if abstract_params is None:
+      saved = checkpointer.metadata(item).item_metadata["params"]
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sharding),
+        abstract_params)
+    restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, partial_restore=True,
+        restore_args={"params": restore_args}))
+  return restored["params"]
 
 
 class Checkpointer:
@@ -49,12 +129,14 @@ class Checkpointer:
           "overwrite_config=True to continue from it anyway")
     config_path.write_text(config_text)
     self._manager = ocp.CheckpointManager(
-        self.model_dir / "checkpoints",
+        self.model_dir / CHECKPOINTS_DIR,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save))
 
   def latest_step(self) -> Optional[int]:
+    """The newest step this run's manager knows, a save in flight
+    included (readers outside the run use `resolve_step(model_dir)`)."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:

@@ -4,7 +4,9 @@ classification score function over any moe_jax model.
 Dimension names: B eval batch, Li input length, Lt target length, V vocab.
 
 * `predict_fn`: cached greedy decoding of encoder-decoder models, returning
-  token ids (decoder-only models: score-based metrics only, for now).
+  token ids. Decoder-only models have none: decoding that continues a
+  prompt (filling the cache with the inputs, then generating the targets) is
+  not implemented, so they get score-based metrics only.
 * `score_fn`: the log-likelihood of each example's targets (sum over
   target tokens), which SeqIO's score metrics (rank classification) use.
 
@@ -31,6 +33,7 @@ from moe_jax.models import Architecture, TransformerConfig, build_model
 from moe_jax.models import decoding
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
+from moe_jax.train.step import model_inputs
 
 Array = jax.Array
 Batch = dict[str, np.ndarray]
@@ -90,8 +93,7 @@ class ModelFns:
 
   def _score(self, params, batch: Batch) -> Array:
     """<float32>[B] log-likelihood of each row's targets."""
-    inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
-    logits = self.model.apply({"params": params}, **inputs,
+    logits = self.model.apply({"params": params}, **model_inputs(batch),
                               enable_dropout=False).logits
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     targets = batch["decoder_target_tokens"]

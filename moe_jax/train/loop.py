@@ -35,10 +35,16 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the run stopped without saving."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoopResult:
+  """Attributes:
+    state: the state after the last step run.
+    history: per step run here, {"step": step, metric: float, ...}.
+    resumed_from: the checkpoint step the run resumed from (None: fresh).
+    preempted: a signal stopped the run before `num_steps`.
+  """
   state: TrainState
-  history: list[dict]    # per step run here: {"step", metric: float, ...}
+  history: list[dict]
   resumed_from: Optional[int]
   preempted: bool
 
@@ -79,7 +85,7 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def train(model: nn.Module, optimizer: optax.GradientTransformation,
           loss_config: LossConfig, batch_fn: Callable[[int], Batch],
-          num_steps: int, checkpointer: Checkpointer, seed: int = 0,
+          num_steps: int, checkpointer: Checkpointer, *, seed: int = 0,
           on_step: Optional[Callable[[int, dict], None]] = None,
           initial_state: Optional[Callable[[jax.Array], TrainState]] = None,
           state_shardings: Any = None,
@@ -90,6 +96,7 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
 
   Args:
     batch_fn: step -> batch (numpy arrays with the model's feature names).
+    seed: the parameter initialization and dropout key.
     on_step: called after every step with (step, scalar metrics).
     initial_state: PRNG key -> fresh state (e.g. placed on a mesh, or
       initialized from another checkpoint); default: `init_state` on the

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from moe_jax import knobs
+from moe_jax.param_paths import param_path
 
 
 class Schedule(str, enum.Enum):
@@ -93,7 +94,7 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
 
 
 def _frozen(path: tuple, freeze: Freeze) -> bool:
-  names = [str(getattr(k, "key", k)) for k in path]
+  names = param_path(path).split("/")
   if freeze == Freeze.ROUTER:
     return "router" in names
   if freeze == Freeze.EXPERTS:

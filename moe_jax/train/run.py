@@ -18,22 +18,18 @@ compiled); `train(run)` runs it. Python users can build a `Run` directly.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import re
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from moe_jax import distributed, flops, knobs, partitioning
-from moe_jax.train import upcycle
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
-from moe_jax.train import loop
+from moe_jax.train import loop, warm_start
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.data import BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -41,19 +37,6 @@ from moe_jax.train.metrics_log import MetricsLogger
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.step import TrainState, model_inputs
-
-
-class InitMode(str, enum.Enum):
-  """How `TrainConfig.init_checkpoint` fills the fresh parameters.
-
-  MATCHING: copy every parameter whose path matches `init_params_include`
-    and exists with the same shape in the checkpoint (partial restore by
-    name: e.g. fine-tune from pre-training, or keep a fresh head).
-  UPCYCLE: the checkpoint is a dense model; experts are copies of its FFNs
-    and routers stay fresh (`moe_jax.train.upcycle`).
-  """
-  MATCHING = "matching"
-  UPCYCLE = "upcycle"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +51,7 @@ class TrainConfig:
     seed: parameter initialization and dropout.
     init_checkpoint: a model directory (its latest step) or a step
       directory to initialize parameters from when the run starts fresh.
-    init_mode: `InitMode`.
+    init_mode: `warm_start.InitMode`.
     init_params_include: regex over '/'-joined parameter paths (MATCHING).
     overwrite_config: accept a model directory written with another config.
     async_checkpointing: write checkpoints in the background.
@@ -82,14 +65,14 @@ class TrainConfig:
   eval_every: int = 0
   seed: int = 0
   init_checkpoint: Optional[str] = None
-  init_mode: InitMode = InitMode.MATCHING
+  init_mode: warm_start.InitMode = warm_start.InitMode.MATCHING
   init_params_include: str = ".*"
   overwrite_config: bool = False
   async_checkpointing: bool = True
   peak_tflops_per_device: Optional[float] = None
 
   def __post_init__(self):
-    knobs.choice(InitMode, "init_mode", self.init_mode)
+    knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
     for knob in ("num_steps", "save_every", "keep_checkpoints", "log_every"):
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
@@ -139,62 +122,15 @@ def configured_run() -> Run:
   return Run(model, *parts[:4], eval=parts[4], config_text=gin.config_str())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainResult:
-  state: TrainState
-  history: list[dict]
-  eval_metrics: dict     # step -> {task: {metric: value}}
-  resumed_from: Optional[int]
-  preempted: bool
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def latest_step(model_dir: str) -> int:
-  """The newest checkpoint step in `model_dir`."""
-  steps = [int(p.name) for p in (Path(model_dir) / "checkpoints").glob("*")
-           if p.name.isdigit()]
-  if not steps:
-    raise ValueError(f"no checkpoint in {model_dir} yet: train first")
-  return max(steps)
-
-
-def restore_params(path: str) -> Any:
-  """Parameters (numpy, nested dicts) of a checkpoint: a model directory
-  (its latest step) or one step's directory."""
-  path = Path(path).resolve()
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints" / str(latest_step(path))
-  if not path.is_dir():
-    raise ValueError(f"{path} is not a checkpoint directory")
-  item = path / "default" if (path / "default").is_dir() else path
-  restored = ocp.StandardCheckpointer().restore(item)
-  return restored["params"]
-
-
-def init_params_from(fresh: Any, source: Any, mode: InitMode,
-                     include: str) -> tuple[Any, list[str]]:
-  """`fresh` params filled from `source`; also the copied paths."""
-  if InitMode(mode) == InitMode.UPCYCLE:
-    merged = upcycle.upcycle(source, fresh)
-    return merged, sorted(_flat(merged))
-  pattern = re.compile(include)
-  source_flat = _flat(source)
-  copied = []
-
-  def fill(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    value = source_flat.get(name)
-    if (value is not None and pattern.fullmatch(name) and
-        np.shape(value) == leaf.shape):
-      copied.append(name)
-      return np.asarray(value, leaf.dtype)
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(fill, fresh), copied
+  """Attributes:
+    loop: the training loop's result (final state, history, resume point,
+      preemption).
+    eval_metrics: step -> {task: {metric: value}} of every evaluation.
+  """
+  loop: loop.LoopResult
+  eval_metrics: dict[int, dict[str, dict[str, float]]]
 
 
 def _tokens_per_example(data: DataConfig) -> int:
@@ -250,9 +186,8 @@ class _Trainer:
                        out_shardings=shardings.params)(key)
     source = self.run.train.init_checkpoint
     if source is not None:
-      host = jax.tree.map(np.asarray, params)
-      filled, copied = init_params_from(
-          host, restore_params(source), self.run.train.init_mode,
+      filled, copied = warm_start.from_checkpoint(
+          params, source, self.run.train.init_mode,
           self.run.train.init_params_include)
       if jax.process_index() == 0:
         print(f"initialized {len(copied)} parameter arrays from {source}")
@@ -300,12 +235,12 @@ def train(run: Run) -> TrainResult:
   with partitioning.axis_rules(trainer.mesh, trainer.rules):
     result = loop.train(
         trainer.model, trainer.optimizer, run.loss, trainer.batch,
-        cfg.num_steps, checkpointer, cfg.seed, logger,
-        lambda key: trainer.initial_state(key, shardings), shardings,
-        after_step if evaluator is not None else None)
+        cfg.num_steps, checkpointer, seed=cfg.seed, on_step=logger,
+        initial_state=lambda key: trainer.initial_state(key, shardings),
+        state_shardings=shardings,
+        after_step=after_step if evaluator is not None else None)
     if evaluator is not None and not result.preempted:
       evaluate(int(result.state.step), result.state)
   logger.close()
   checkpointer.close()
-  return TrainResult(result.state, result.history, eval_metrics,
-                     result.resumed_from, result.preempted)
+  return TrainResult(result, eval_metrics)

@@ -18,7 +18,7 @@ from moe_jax.train.objective import LossConfig, training_loss
 
 Array = jax.Array
 
-# Batch features that are not model inputs.
+# Batch features that are not model inputs (the loss reads them).
 _NOT_INPUTS = ("decoder_loss_weights",)
 
 
@@ -30,6 +30,8 @@ class TrainState:
 
 
 def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """The features of `batch` the model takes as arguments (training,
+  evaluation and inspection call it with these)."""
   return {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
 
 
@@ -50,7 +52,8 @@ def loss_fn(model: nn.Module, loss_config: LossConfig, params, batch,
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     loss_config: LossConfig, seed_key: Array,
-                    state_shardings: Any = None) -> Callable[[TrainState, Mapping[str, Array]],
+                    state_shardings: Any = None
+                    ) -> Callable[[TrainState, Mapping[str, Array]],
                                   tuple[TrainState, dict[str, Array]]]:
   """A jitted (state, batch) -> (state, metrics) step; with
   `state_shardings` the new state keeps the layout of the old one."""

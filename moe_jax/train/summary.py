@@ -14,11 +14,12 @@ def _mean(history: list[dict], key: str, rows: slice) -> float:
 
 def format_summary(run, result) -> str:
   """Loss at the start and end of the run, routing statistics of the last
-  steps, and the last evaluation."""
-  history = result.history
+  steps, and the last evaluation (`run`: a `run.Run`, `result`: its
+  `run.TrainResult`)."""
+  history = result.loop.history
   lines = [f"run summary ({run.train.model_dir})"]
-  if result.resumed_from is not None:
-    lines.append(f"  resumed from step {result.resumed_from}")
+  if result.loop.resumed_from is not None:
+    lines.append(f"  resumed from step {result.loop.resumed_from}")
   if history:
     window = max(1, min(20, len(history) // 5))
     first = _mean(history, "cross_entropy", slice(0, window))
@@ -28,7 +29,7 @@ def format_summary(run, result) -> str:
     for name in metric_names.SCALAR_METRICS:
       if name in history[-1]:
         lines.append(f"  {name:<28} {_mean(history, name, slice(-window, None)):.4f}")
-  if result.preempted:
+  if result.loop.preempted:
     lines.append("  stopped early by a signal; the checkpoint is saved")
   if result.eval_metrics:
     step = max(result.eval_metrics)

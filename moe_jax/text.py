@@ -1,0 +1,44 @@
+"""Text to token ids for the model's input features.
+
+Dimension names: B texts, L length.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+
+class Vocabulary(Protocol):
+  """What encoding and decoding need of a vocabulary (seqio's fit)."""
+  eos_id: int
+
+  def encode(self, s: str) -> Sequence[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def encode_texts(texts: Sequence[str], vocabulary: Vocabulary,
+                 length: Optional[int] = None) -> np.ndarray:
+  """<int32>[B, L] ids of `texts`, each ended by EOS and padded with 0.
+
+  A text longer than `length` - 1 ids is cut to that many, so that every
+  row still ends with EOS, as the SeqIO pipelines' examples do.
+
+  Args:
+    texts: B strings.
+    vocabulary: encodes each text (EOS not included).
+    length: L; default: the longest text's ids plus EOS.
+  """
+  ids = [list(vocabulary.encode(t)) for t in texts]
+  if length is None:
+    length = max(map(len, ids), default=0) + 1
+  if length < 1:
+    raise ValueError(f"length must be >= 1 (room for EOS); got "
+                     f"length={length}")
+  out = np.zeros((len(ids), length), np.int32)
+  for row, seq in zip(out, ids):
+    seq = seq[:length - 1] + [vocabulary.eos_id]
+    row[:len(seq)] = seq
+  return out
