@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +16,17 @@ from moe_jax.moe import metric_names
 from moe_jax.models.outputs import ModelOutput
 
 Array = jax.Array
+
+# The routing-loss weights' defaults, stated only here: LossConfig's, T5X's
+# MoE model's, and gin's macros (`AUX_LOSS_FACTOR = %DEFAULT_AUX_LOSS_FACTOR`
+# in gin/models/arch/moe_layers.gin and gin/t5x/moe_model.gin).
+# Switch Transformer's alpha; the z-loss weight is flaxformer's MoE default
+# (ST-MoE's own 1e-3 is set by gin/routing/st_moe.gin).
+DEFAULT_AUX_LOSS_FACTOR = 0.01
+DEFAULT_ROUTER_Z_LOSS_FACTOR = 1e-4
+gin.constant("objective.DEFAULT_AUX_LOSS_FACTOR", DEFAULT_AUX_LOSS_FACTOR)
+gin.constant("objective.DEFAULT_ROUTER_Z_LOSS_FACTOR",
+             DEFAULT_ROUTER_Z_LOSS_FACTOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +39,8 @@ class LossConfig:
     label_smoothing: mass spread uniformly over the vocabulary.
     logits_z_loss: weight of log(Z)^2 of the output softmax (PaLM / T5X).
   """
-  aux_loss_factor: float = 0.01
-  router_z_loss_factor: float = 0.0001
+  aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR
+  router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR
   label_smoothing: float = 0.0
   logits_z_loss: float = 0.0
 
