@@ -46,3 +46,12 @@ def our_logits(params, config, enc, dec_in, dec_tgt) -> jax.Array:
   return jax.jit(lambda p: build_model(config).apply(
       {"params": p}, enc, dec_in, dec_tgt, enable_dropout=False).logits)(
           params)
+
+
+def assert_same_state_dict(exported, model):
+  """`exported` ({name: array}) holds exactly `model`'s tensors."""
+  original = model.state_dict()
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
+                               atol=1e-6, err_msg=key)

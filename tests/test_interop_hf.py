@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from moe_jax.interop import hf_t5
-from tests.hf_helpers import eval_model, hf_logits, our_logits, transformers
+from tests.hf_helpers import (assert_same_state_dict, eval_model, hf_logits,
+                              our_logits, transformers)
 
 
 def hf_model():
@@ -31,12 +32,7 @@ def test_logits_equal_hf_and_round_trip():
                              hf_logits(model, enc, dec_in),
                              rtol=1e-4, atol=1e-4)
 
-  exported = hf_t5.export_t5(params, config)
-  original = model.state_dict()
-  assert sorted(exported) == sorted(original)
-  for key, value in original.items():
-    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
-                               atol=1e-6, err_msg=key)
+  assert_same_state_dict(hf_t5.export_t5(params, config), model)
 
 
 def test_rejects_tied_or_relu_configs():

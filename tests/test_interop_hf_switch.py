@@ -7,7 +7,8 @@ import pytest
 
 from moe_jax.moe.dispatch import Dispatch
 from moe_jax.interop import hf_switch
-from tests.hf_helpers import eval_model, hf_logits, our_logits, transformers
+from tests.hf_helpers import (assert_same_state_dict, eval_model, hf_logits,
+                              our_logits, transformers)
 
 VOCAB, ENC_LEN, DEC_LEN = 64, 12, 7
 
@@ -62,12 +63,7 @@ def test_logits_equal_hf_and_round_trip(per_sequence):
       config)
   jax.tree.map(np.testing.assert_array_equal, from_numpy, params)
 
-  exported = hf_switch.export_switch(params, config)
-  original = model.state_dict()
-  assert sorted(exported) == sorted(original)
-  for key, value in original.items():
-    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
-                               atol=1e-6, err_msg=key)
+  assert_same_state_dict(hf_switch.export_switch(params, config), model)
 
 
 def test_dropped_tokens_match_hf_per_sequence():
