@@ -1,6 +1,7 @@
 """T5 v1.1 encoder-decoder, dense or sparse, with T5X's call signatures.
 
-Dimension names: B batch, Le encoder length, Ld decoder length, D width.
+Dimension names (moe_jax's glossary): B batch, Le encoder length, Ld decoder
+length, D model width, V vocabulary.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ statistics, which are not lost: every MoE layer also sows them into
 `intermediates`, where T5X's MoE model reads them. Parameters are identical
 to the wrapped models' (same tree), so moe_jax checkpoints load unchanged.
 
-Dimension names: B batch, Le encoder length, Ld decoder length, D width,
-V vocabulary.
+Dimension names (moe_jax's glossary): B batch, L length (decoder-only), Le
+encoder length, Ld decoder length, D model width, V vocabulary.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The training loss: cross entropy plus the weighted routing losses.
 
-Dimension names: B batch, L target length, V vocabulary, N sparse layers.
+Dimension names (moe_jax's glossary): B batch, Lt target length, V
+vocabulary, R sparse layers.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def cross_entropy(logits: Array, targets: Array, weights: Array,
   """Mean over weighted target tokens of the (smoothed) cross entropy.
 
   Args:
-    logits: <float32>[B, L, V].
-    targets: <int32>[B, L].
-    weights: <float32>[B, L] (0 on padding); the loss is normalized by their
+    logits: <float32>[B, Lt, V].
+    targets: <int32>[B, Lt].
+    weights: <float32>[B, Lt] (0 on padding); the loss is normalized by their
       sum, i.e. by the number of target tokens.
 
   Returns:
@@ -98,7 +99,7 @@ def training_loss(output: ModelOutput, batch: Mapping[str, Array],
   Returns:
     (loss, metrics): metrics hold `cross_entropy` (without routing terms),
     the weighted and raw routing terms, the routing metrics averaged over
-    sparse layers, and per layer (`<name>/per_layer`, <[N]>).
+    sparse layers, and per layer (`<name>/per_layer`, <[R]>).
   """
   weights = batch.get("decoder_loss_weights",
                       (batch["decoder_target_tokens"] > 0).astype(jnp.float32))
