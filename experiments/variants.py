@@ -59,13 +59,6 @@ class ModelSpec:
     return [_SPARSE_FILE, f"gin/routing/{self.routing}.gin"]
 
 
-def _macro(name: str, default: float) -> float:
-  try:
-    return gin.query_parameter(f"%{name}")
-  except ValueError:
-    return default
-
-
 def model_config(spec: ModelSpec, size_bindings: Sequence[str]
                  ) -> tuple[TransformerConfig, LossConfig]:
   """The model and its routing loss weights, from the gin files.
@@ -77,11 +70,9 @@ def model_config(spec: ModelSpec, size_bindings: Sequence[str]
     bindings.append(f"NUM_EXPERTS={spec.num_experts}")
   gin_utils.parse(spec.gin_files(), bindings)
   config = configured_model_config()
-  defaults = LossConfig()
-  loss = LossConfig(
-      aux_loss_factor=_macro("AUX_LOSS_FACTOR", defaults.aux_loss_factor),
-      router_z_loss_factor=_macro("ROUTER_Z_LOSS_FACTOR",
-                                  defaults.router_z_loss_factor))
+  loss = LossConfig()  # Dense gin files leave it unconfigured.
+  if spec.routing != DENSE:  # As gin/runs' LOSS_CONFIG builds it.
+    loss = gin.get_configurable(LossConfig)()
   gin.clear_config()
   return config, loss
 

@@ -9,17 +9,16 @@ question and its final answer only. Registered `bbh_<task>_{direct,cot}`
 `metrics.extract_answer`.
 """
 
-import functools
 import json
 import os
 import re
 from typing import Dict, List, Mapping
 
 import seqio
-import tensorflow as tf
 
 from tasks import data_dir
 from tasks import metrics
+from tasks import suites
 
 TASKS = (
     "boolean_expressions", "causal_judgement", "date_understanding",
@@ -80,26 +79,8 @@ def examples(task: str, mode: str) -> List[Dict[str, str]]:
            "targets": r["target"]} for r in rows]
 
 
-def _dataset(split: str, shuffle_files: bool, seed=None, *, task: str,
-             mode: str) -> tf.data.Dataset:
-  del split, shuffle_files, seed  # Fixed order; seqio shuffles with `seed`.
-  rows = examples(task, mode)
-  return tf.data.Dataset.from_tensor_slices(
-      {k: tf.constant([r[k] for r in rows], tf.string)
-       for k in ("inputs", "targets")})
-
-
 def register(features: Mapping[str, seqio.Feature]) -> None:
-  post = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
-  for mode in MODES:
-    names = []
-    for task in TASKS:
-      name = f"bbh_{task}_{mode}"
-      seqio.TaskRegistry.add(
-          name, source=seqio.FunctionDataSource(
-              functools.partial(_dataset, task=task, mode=mode),
-              splits=("test",)),
-          preprocessors=post, output_features=features,
-          metric_fns=[metrics.extracted_exact_match])
-      names.append(name)
-    seqio.MixtureRegistry.add(f"bbh_{mode}", names, default_rate=1.0)
+  suites.register_suite(
+      "bbh", TASKS, {mode: mode for mode in MODES},
+      lambda task, mode, split: examples(task, mode), splits=("test",),
+      metric_fns=[metrics.extracted_exact_match], features=features)

@@ -9,15 +9,14 @@ the answer letter; metrics: letter accuracy on generated text, and
 """
 
 import csv
-import functools
 import os
 from typing import Dict, List, Mapping
 
 import seqio
-import tensorflow as tf
 
 from tasks import data_dir
 from tasks import metrics
+from tasks import suites
 
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics",
@@ -95,26 +94,9 @@ def examples(subject: str, split: str, num_shots: int) -> List[Dict[str, str]]:
           for q in load(subject, split)]
 
 
-def _dataset(split: str, shuffle_files: bool, seed=None, *, subject: str,
-             num_shots: int) -> tf.data.Dataset:
-  del shuffle_files, seed  # Fixed order; seqio shuffles with `seed`.
-  rows = examples(subject, split, num_shots)
-  return tf.data.Dataset.from_tensor_slices(
-      {k: tf.constant([r[k] for r in rows], tf.string)
-       for k in ("inputs", "targets")})
-
-
 def register(features: Mapping[str, seqio.Feature]) -> None:
-  post = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
-  for shots in SHOT_COUNTS:
-    names = []
-    for subject in SUBJECTS:
-      name = f"mmlu_{subject}_{shots}shot"
-      seqio.TaskRegistry.add(
-          name, source=seqio.FunctionDataSource(
-              functools.partial(_dataset, subject=subject, num_shots=shots),
-              splits=("validation", "test")),
-          preprocessors=post, output_features=features,
-          metric_fns=[metrics.letter_exact_match])
-      names.append(name)
-    seqio.MixtureRegistry.add(f"mmlu_{shots}shot", names, default_rate=1.0)
+  suites.register_suite(
+      "mmlu", SUBJECTS, {f"{shots}shot": shots for shots in SHOT_COUNTS},
+      lambda subject, shots, split: examples(subject, split, shots),
+      splits=("validation", "test"), metric_fns=[metrics.letter_exact_match],
+      features=features)

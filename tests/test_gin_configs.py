@@ -1,5 +1,6 @@
 """Every gin model config builds; tiny ones train; routing files layer on."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -9,15 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import gin_utils
+from moe_jax import gin_utils, partitioning
 from moe_jax.models import build_model, configured_model_config, dummy_batch
+from moe_jax.train import run
 
 GIN = Path(__file__).resolve().parent.parent / "gin"
-MODEL_FILES = sorted(p.relative_to(GIN.parent).as_posix()
-                     for p in (GIN / "models").glob("*.gin"))
+TINY_MOE = "gin/models/t5_1_1_tiny_moe.gin"
+
+
+def _files(*folders):
+  return sorted(p.relative_to(GIN.parent).as_posix()
+                for folder in folders for p in (GIN / folder).glob("*.gin"))
+
+
+MODEL_FILES = _files("models")
 TINY_FILES = [f for f in MODEL_FILES if "tiny" in f]
-ROUTING_FILES = sorted(p.relative_to(GIN.parent).as_posix()
-                       for p in (GIN / "routing").glob("*.gin"))
+ROUTING_FILES = _files("routing", "dispatch")  # Layered on a model, they run.
+PARTITIONING_FILES = _files("partitioning")
+RUN_FILES = _files("runs")
 
 
 def _config(*files, bindings=()):
@@ -27,7 +37,8 @@ def _config(*files, bindings=()):
 
 def test_there_are_configs():
   assert len(MODEL_FILES) >= 20 and len(TINY_FILES) >= 4
-  assert len(ROUTING_FILES) >= 6
+  assert len(ROUTING_FILES) >= 8
+  assert len(PARTITIONING_FILES) >= 2 and len(RUN_FILES) >= 2
 
 
 @pytest.mark.parametrize("path", MODEL_FILES)
@@ -68,8 +79,46 @@ def test_tiny_configs_run_forward_and_backward(path):
 
 @pytest.mark.parametrize("routing", ROUTING_FILES)
 def test_routing_files_layer_on_a_model(routing):
-  config = _config("gin/models/t5_1_1_tiny_moe.gin", routing)
+  config = _config(TINY_MOE, routing)
   _forward_backward(config)
+
+
+@pytest.mark.parametrize("path", PARTITIONING_FILES)
+def test_partitioning_files_layer_on_a_model(path):
+  config = _config(TINY_MOE, path)
+  assert config.encoder_moe is not None
+  rules = dict(partitioning.logical_axis_rules())
+  assert rules["expert"] is not None
+  # The mesh is built where this host has the devices it asks for; else
+  # make_mesh says how many there are.
+  count = len(jax.devices())
+  try:
+    mesh = partitioning.make_mesh()
+  except ValueError as e:
+    assert re.search(rf"\b{count} (devices|are available)", str(e)), e
+  else:
+    assert mesh.size == count
+
+
+# What gin/runs/train.gin requires and a run file sets; the file's own
+# values, parsed after these, win.
+_RUN_MACROS = """
+MODEL_DIR = '{model_dir}'
+TRAIN_STEPS = 1
+MIXTURE = 'mini_flan'
+TASK_FEATURE_LENGTHS = {{'inputs': 8, 'targets': 8}}
+BATCH_SIZE = 2
+"""
+
+
+@pytest.mark.parametrize("path", RUN_FILES)
+def test_run_files_build_a_run(path, tmp_path):
+  macros = tmp_path / "run_macros.gin"
+  macros.write_text(_RUN_MACROS.format(model_dir=tmp_path / "run"))
+  gin_utils.parse([TINY_MOE, str(macros), path])
+  built = run.configured_run()
+  assert built.train.num_steps >= 1 and built.data.batch_size >= 1
+  assert built.model.vocab_size >= 1
 
 
 def test_routing_file_changes_the_router():
@@ -82,6 +131,20 @@ def test_routing_file_changes_the_router():
                    bindings=["NUM_EXPERTS = 4"])
   assert config.encoder_moe.num_experts == 4
   assert config.decoder_moe.router.second_expert_policy == "random"
+
+
+@pytest.mark.parametrize("arch, size", [
+    ("gin/models/arch/t5_1_1.gin", "gin/models/sizes/tiny.gin"),
+    ("gin/models/arch/decoder_only.gin", "gin/models/sizes/tiny.gin")])
+def test_forgotten_size_macro_is_named(arch, size, tmp_path):
+  """The architecture files declare their size macros %gin.REQUIRED."""
+  forgot = tmp_path / "forgot.gin"
+  forgot.write_text("\n".join(
+      [f"include '{arch}'"] + [
+          line for line in (GIN.parent / size).read_text().splitlines()
+          if not line.startswith("NUM_DECODER_LAYERS")]))
+  with pytest.raises(ValueError, match="NUM_DECODER_LAYERS.*gin.REQUIRED"):
+    _config(str(forgot))
 
 
 def test_unknown_knob_fails_at_parse():

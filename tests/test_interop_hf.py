@@ -1,18 +1,14 @@
 """Hugging Face T5 v1.1 import / export: logits equal HF's; round trip."""
 
-import jax
 import numpy as np
 import pytest
 
 from moe_jax.interop import hf_t5
-from moe_jax.models import build_model
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.hf_helpers import (assert_same_state_dict, eval_model, hf_logits,
+                              our_logits, transformers)
 
 
 def hf_model():
-  torch.manual_seed(0)
   config = transformers.T5Config(
       vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2,
       num_decoder_layers=3, num_heads=3, relative_attention_num_buckets=8,
@@ -20,16 +16,7 @@ def hf_model():
       dropout_rate=0.0)
   config.tie_word_embeddings = False   # T5 v1.1 (some versions drop the kwarg)
   config.scale_decoder_outputs = False
-  model = transformers.T5ForConditionalGeneration(config).eval()
-  with torch.no_grad():   # norms away from 1 so a mis-mapped scale shows
-    for name, p in model.named_parameters():
-      if "layer_norm" in name:
-        p.uniform_(0.5, 1.5)
-    # Released T5 v1.1 checkpoints share one input embedding; some
-    # transformers versions untie the stacks' copies when building.
-    for stack in (model.encoder, model.decoder):
-      stack.embed_tokens.weight.copy_(model.shared.weight)
-  return model
+  return eval_model(transformers.T5ForConditionalGeneration, config)
 
 
 def test_logits_equal_hf_and_round_trip():
@@ -41,21 +28,11 @@ def test_logits_equal_hf_and_round_trip():
   dec_in = np.concatenate([np.zeros((2, 1), np.int32),
                            rng.integers(1, 40, (2, 6)).astype(np.int32)], 1)
   dec_tgt = rng.integers(1, 40, (2, 7)).astype(np.int32)
-  with torch.no_grad():
-    expected = model(input_ids=torch.tensor(enc, dtype=torch.long),
-                     decoder_input_ids=torch.tensor(dec_in, dtype=torch.long)
-                     ).logits.numpy()
-  ours = jax.jit(lambda p: build_model(config).apply(
-      {"params": p}, enc, dec_in, dec_tgt, enable_dropout=False).logits)(
-          params)
-  np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(our_logits(params, config, enc, dec_in, dec_tgt),
+                             hf_logits(model, enc, dec_in),
+                             rtol=1e-4, atol=1e-4)
 
-  exported = hf_t5.export_t5(params, config)
-  original = model.state_dict()
-  assert sorted(exported) == sorted(original)
-  for key, value in original.items():
-    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
-                               atol=1e-6, err_msg=key)
+  assert_same_state_dict(hf_t5.export_t5(params, config), model)
 
 
 def test_rejects_tied_or_relu_configs():

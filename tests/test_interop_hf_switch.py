@@ -7,10 +7,8 @@ import pytest
 
 from moe_jax.moe.dispatch import Dispatch
 from moe_jax.interop import hf_switch
-from moe_jax.models import build_model
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.hf_helpers import (assert_same_state_dict, eval_model, hf_logits,
+                              our_logits, transformers)
 
 VOCAB, ENC_LEN, DEC_LEN = 64, 12, 7
 
@@ -27,18 +25,8 @@ def hf_config(**overrides):
 
 
 def hf_model(**overrides):
-  torch.manual_seed(0)
-  model = transformers.SwitchTransformersForConditionalGeneration(
-      hf_config(**overrides)).eval()
-  with torch.no_grad():   # norms away from 1 so a mis-mapped scale shows
-    for name, p in model.named_parameters():
-      if "layer_norm" in name:
-        p.uniform_(0.5, 1.5)
-    # Untied, transformers also unties the stacks' input embeddings; moe_jax
-    # (like the released checkpoints) shares one.
-    for stack in (model.encoder, model.decoder):
-      stack.embed_tokens.weight.copy_(model.shared.weight)
-  return model
+  return eval_model(transformers.SwitchTransformersForConditionalGeneration,
+                    hf_config(**overrides))
 
 
 def batch():
@@ -49,19 +37,6 @@ def batch():
        rng.integers(1, VOCAB, (3, DEC_LEN - 1)).astype(np.int32)], 1)
   dec_tgt = rng.integers(1, VOCAB, (3, DEC_LEN)).astype(np.int32)
   return enc, dec_in, dec_tgt
-
-
-def hf_logits(model, enc, dec_in):
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(enc, dtype=torch.long),
-                 decoder_input_ids=torch.tensor(dec_in, dtype=torch.long)
-                 ).logits.numpy()
-
-
-def our_logits(params, config, enc, dec_in, dec_tgt):
-  return jax.jit(lambda p: build_model(config).apply(
-      {"params": p}, enc, dec_in, dec_tgt, enable_dropout=False).logits)(
-          params)
 
 
 @pytest.mark.parametrize("per_sequence", [False, True])
@@ -88,12 +63,7 @@ def test_logits_equal_hf_and_round_trip(per_sequence):
       config)
   jax.tree.map(np.testing.assert_array_equal, from_numpy, params)
 
-  exported = hf_switch.export_switch(params, config)
-  original = model.state_dict()
-  assert sorted(exported) == sorted(original)
-  for key, value in original.items():
-    np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6,
-                               atol=1e-6, err_msg=key)
+  assert_same_state_dict(hf_switch.export_switch(params, config), model)
 
 
 def test_dropped_tokens_match_hf_per_sequence():

@@ -1,9 +1,9 @@
 """Run tokens through a checkpoint and report, per sparse layer, how the
 routers behaved.
 
-Dimension names: B batch, L length (of the layer's stack), E experts,
-N sparse layers (encoder layers first, then decoder layers, as in
-`ModelOutput.moe_stats`).
+Dimension names (moe_jax's glossary): B batch, L length (of the layer's
+stack), E experts, R sparse layers (encoder layers first, then decoder
+layers, as in `ModelOutput.moe_stats`).
 
 Scalar metrics and expert loads come from `ModelOutput.moe_stats`; per-token
 data (router probabilities, which experts processed which token) from the
@@ -87,7 +87,7 @@ class RoutingReport:
     return [l.name for l in self.layers if stack in (None, l.stack)]
 
   def load_matrix(self) -> np.ndarray:
-    """<float>[N, E] tokens dispatched per layer and expert."""
+    """<float>[R, E] tokens dispatched per layer and expert."""
     return np.stack([l.expert_load for l in self.layers])
 
   def token_text(self, token_id: int) -> str:
@@ -112,7 +112,9 @@ class RoutingReport:
     """Token x layer expert ids of one example's real tokens.
 
     Returns:
-      (decoded tokens [T], layer names [M], <int>[T, M] expert ids).
+      (the real tokens decoded, the stack's sparse-layer names, and
+      <int>[tokens, layers] expert ids: a row per token, a column per
+      layer).
     """
     layers = [l for l in self.layers if l.stack == stack]
     if not layers:

@@ -1,8 +1,8 @@
 """Multi-head attention with T5 relative position bias or rotary embeddings,
 and a key/value cache for step-by-step decoding.
 
-Dimension names: B batch, Q query length, K key length, H heads, Dh head
-width, D model width.
+Dimension names (moe_jax's glossary): B batch, L length, Lq query length,
+Lk key length, H heads, Dh head width, D model width.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool,
 class RelativePositionBias(nn.Module):
   """Learned per-head bias of each bucketed offset; shared by a stack.
 
-  Returns <float32>[B, H, Q, K] for query positions `q_pos` <int32>[B, Q]
-  and key positions `k_pos` <int32>[B, K].
+  Returns <float32>[B, H, Lq, Lk] for query positions `q_pos`
+  <int32>[B, Lq] and key positions `k_pos` <int32>[B, Lk].
   """
   num_heads: int
   num_buckets: int
@@ -69,7 +69,7 @@ class RelativePositionBias(nn.Module):
         (self.num_heads, self.num_buckets), jnp.float32)
     buckets = relative_position_bucket(k_pos[:, None, :] - q_pos[:, :, None],
                                        self.bidirectional, self.num_buckets,
-                                       self.max_distance)  # [B, Q, K]
+                                       self.max_distance)  # [B, Lq, Lk]
     return jnp.moveaxis(jnp.take(table, buckets, axis=1), 0, 1)
 
 
@@ -77,7 +77,8 @@ def apply_rope(x: Array, positions: Array, max_wavelength: float) -> Array:
   """Rotary embedding of x <[B, L, H, Dh]> at positions <int32>[B, L]."""
   half = x.shape[-1] // 2
   freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None, None].astype(jnp.float32) * freq  # [B,L,1,h]
+  # [B, L, 1, Dh / 2]
+  angle = positions[..., None, None].astype(jnp.float32) * freq
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin,
@@ -112,12 +113,12 @@ class MultiHeadAttention(nn.Module):
                deterministic: bool, positions: Optional[Array] = None,
                memory_positions: Optional[Array] = None,
                decode_index: Optional[Array] = None) -> Array:
-    """Attends from queries <[B, Q, D]> to memory <[B, K, D]>.
+    """Attends from queries <[B, Lq, D]> to memory <[B, Lk, D]>.
 
     Args:
-      bias: additive <float32>[B or 1, H or 1, Q, K] (masks and position
-        bias); in decode mode K is the cache length.
-      positions, memory_positions: <int32>[B, Q] / [B, K] for rotary
+      bias: additive <float32>[B or 1, H or 1, Lq, Lk] (masks and position
+        bias); in decode mode Lk is the cache length.
+      positions, memory_positions: <int32>[B, Lq] / [B, Lk] for rotary
         embeddings.
       decode_index: <int32>[B] step of each example; when given, the
         projected key/value of the single query token are written into the
@@ -159,7 +160,7 @@ class MultiHeadAttention(nn.Module):
       cached_k.value, cached_v.value = k, v
       return k, v
     slot = jax.nn.one_hot(index, cached_k.value.shape[1],
-                          dtype=k.dtype)[:, :, None, None]  # [B, K, 1, 1]
+                          dtype=k.dtype)[:, :, None, None]  # [B, Lk, 1, 1]
     cached_k.value = cached_k.value * (1 - slot) + k * slot
     cached_v.value = cached_v.value * (1 - slot) + v * slot
     return cached_k.value, cached_v.value

@@ -1,10 +1,12 @@
 """Transformer layers, repeated blocks, and stacks (unrolled or scanned).
 
-Dimension names: B batch, L length, D model width, K key length.
+Dimension names (moe_jax's glossary): B batch, L length, Le encoder length,
+Lk key length (L, or the cache length when decoding), H heads, D model width.
 
-A stack of N layers is N / n blocks of n = `MoeConfig.sparse_every` layers;
-the last layer of each block has the MoE FFN (flaxformer's mixed layout), so
-every block has the same parameter structure and blocks can be scanned.
+A stack's layers are grouped into blocks of n = `MoeConfig.sparse_every`
+layers; the last layer of each block has the MoE FFN (flaxformer's mixed
+layout), so every block has the same parameter structure and blocks can be
+scanned.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A prefix-LM (GLaM-style) marks its inputs with `decoder_causal_attention`
 (1 on the prefix): prefix tokens attend to each other in both directions,
 everything else is causal. With RoPE, SwiGLU experts and renormalized top-2
 routing (gin) this is the Mixtral-style variant.
+
+Dimension names (moe_jax's glossary): B batch, L length, V vocabulary.
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 
 Model-agnostic and jittable. A model enters through
 
-  tokens_to_logits(token_ids <int32>[N, 1], cache) -> (logits <float32>[N, V],
-                                                        cache)
+  tokens_to_logits(token_ids <int32>[rows, 1], cache)
+      -> (logits <float32>[rows, V], cache)
 
-which runs one cached step (e.g. a `decode=True` call of the models here);
-the cache is any pytree whose leaves have a leading [N] axis, or scalars.
+which runs one cached step (e.g. a `decode=True` call of the models here) on
+B rows, or B * W in beam search; the cache is any pytree whose leaves have
+a leading [rows] axis, or scalars.
 Decoding starts from `start_id` (T5: 0) and stops at `eos_id`; positions after
 EOS hold `pad_id`.
 
-Dimension names: B batch, K beams, V vocabulary, T max decode length.
+Dimension names (moe_jax's glossary): B batch, W beams, V vocabulary, Ld
+decoded length (`max_length`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache,
                        temperature: float = 1.0, top_k: int = 0,
                        eos_id: int = 1, start_id: int = 0,
                        pad_id: int = 0) -> Array:
-  """Samples <int32>[B, T] tokens.
+  """Samples <int32>[B, Ld] tokens.
 
   temperature 0 (or top_k 1) is greedy decoding. top_k > 0 keeps the k most
   likely tokens before sampling.
@@ -80,14 +82,14 @@ def length_penalty(length: Array, alpha: float) -> Array:
 
 
 def _per_beam(cache: Cache, beams: int) -> Cache:
-  """Repeats every [B, ...] leaf to [B * K, ...]."""
+  """Repeats every [B, ...] leaf to [B * W, ...]."""
   return jax.tree.map(
       lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, beams, axis=0),
       cache)
 
 
 def _gather_beams(cache: Cache, rows: Array) -> Cache:
-  """Reorders [B * K, ...] leaves by flat row indices <int32>[B * K]."""
+  """Reorders [B * W, ...] leaves by flat row indices <int32>[B * W]."""
   return jax.tree.map(
       lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, rows, axis=0), cache)
 
@@ -104,11 +106,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch: int,
   result holds the best finished ones.
 
   Args:
-    cache: the model's cache for B rows; repeated per beam here.
+    cache: the model's cache for B rows; repeated per beam (B * W) here.
 
   Returns:
-    tokens <int32>[B, K, T] best first (pad_id after EOS) and their scores
-    <float32>[B, K].
+    tokens <int32>[B, W, Ld] best first (pad_id after EOS) and their scores
+    <float32>[B, W].
   """
   k = beam_size
   flat = lambda x: x.reshape((batch * k,) + x.shape[2:])

@@ -1,7 +1,8 @@
 """Attention masks from tokens, segments and prefixes (all <bool>), and
 default positions.
 
-Dimension names: B batch, Q query length, K key length.
+Dimension names (moe_jax's glossary): B batch, L length, Lq query length,
+Lk key length.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def decoder_real_tokens(tokens: Array, segment_ids: Optional[Array],
 def attention_mask(q_real: Array, k_real: Array,
                    q_segments: Optional[Array] = None,
                    k_segments: Optional[Array] = None) -> Array:
-  """<bool>[B, Q, K]: real queries see real keys of their own segment."""
+  """<bool>[B, Lq, Lk]: real queries see real keys of their own segment."""
   mask = q_real[:, :, None] & k_real[:, None, :]
   if q_segments is not None and k_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]

@@ -18,7 +18,7 @@ class ModelOutput:
   """Logits and routing statistics of one forward pass.
 
   Attributes:
-    logits: <float32>[B, L_target, V].
+    logits: <float32>[B, Lt, V] (Lt: the decoder's, i.e. target, length).
     moe_stats: `MoeStats` whose fields have a leading [sparse layers] axis,
       encoder layers first, then decoder layers; None for a dense model.
   """

@@ -1,6 +1,7 @@
 """T5 v1.1 encoder-decoder, dense or sparse, with T5X's call signatures.
 
-Dimension names: B batch, Le encoder length, Ld decoder length, D width.
+Dimension names (moe_jax's glossary): B batch, Le encoder length, Ld decoder
+length, D model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class EncoderDecoder(nn.Module):
                decoder_positions: Optional[Array] = None, *,
                enable_dropout: bool = True, decode: bool = False
                ) -> ModelOutput:
-    encoded, encoder_stats = self.encode(
-        encoder_input_tokens, encoder_segment_ids, encoder_positions,
+    # This class's own encode/decode: a subclass (the T5X adapter) overrides
+    # them to return arrays without the stats.
+    encoded, encoder_stats = EncoderDecoder.encode(
+        self, encoder_input_tokens, encoder_segment_ids, encoder_positions,
         enable_dropout=enable_dropout)
-    logits, decoder_stats = self.decode(
-        encoded, encoder_input_tokens, decoder_input_tokens,
+    logits, decoder_stats = EncoderDecoder.decode(
+        self, encoded, encoder_input_tokens, decoder_input_tokens,
         decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
         decoder_positions, enable_dropout=enable_dropout, decode=decode)
     return ModelOutput(logits, concat_stats(encoder_stats, decoder_stats))

@@ -5,8 +5,9 @@ that `import moe_jax.t5x.models` works without t5x:
 
   MoeEncoderDecoderModel = moe_model_class("encoder_decoder")
   model = MoeEncoderDecoderModel(module=T5XEncoderDecoder(config), ...,
-                                 aux_loss_factor=0.01,
-                                 router_z_loss_factor=1e-4)
+                                 aux_loss_factor=0.02)
+
+The routing-loss weights default to `moe_jax.train.objective`'s.
 
 gin/t5x/ binds these through `moe_jax.t5x.models.moe_encoder_decoder_model`.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from moe_jax.moe import metric_names
 from moe_jax.t5x.losses import moe_loss_and_metrics
+from moe_jax.train import objective
 
 _BASES = {"encoder_decoder": "EncoderDecoderModel",
           "decoder_only": "DecoderOnlyModel"}
@@ -66,14 +68,15 @@ def moe_model_class(kind: str) -> type:
   class MoeModel(base):
     """T5X model that trains the MoE routing losses too."""
 
-    def __init__(self, *args, aux_loss_factor: float = 0.01,
-                 router_z_loss_factor: float = 1e-4, **kwargs):
-      for knob, value in (("aux_loss_factor", aux_loss_factor),
-                          ("router_z_loss_factor", router_z_loss_factor)):
-        if value < 0:
-          raise ValueError(f"{knob} must be >= 0; got {value}")
-      self.aux_loss_factor = aux_loss_factor
-      self.router_z_loss_factor = router_z_loss_factor
+    def __init__(
+        self, *args,
+        aux_loss_factor: float = objective.DEFAULT_AUX_LOSS_FACTOR,
+        router_z_loss_factor: float = objective.DEFAULT_ROUTER_Z_LOSS_FACTOR,
+        **kwargs):
+      # Only the routing weights: T5X's own kwargs weigh the rest of the loss.
+      self.routing_loss = objective.LossConfig(
+          aux_loss_factor=aux_loss_factor,
+          router_z_loss_factor=router_z_loss_factor)
       super().__init__(*args, **kwargs)
 
     def loss_fn(self, params: Any, batch: Any,
@@ -88,8 +91,9 @@ def moe_model_class(kind: str) -> type:
           label_smoothing=self._label_smoothing, z_loss=self._z_loss,
           loss_normalizing_factor=factor)
       moe_loss, moe_metrics = moe_loss_and_metrics(
-          state.get(metric_names.INTERMEDIATES, {}), self.aux_loss_factor,
-          self.router_z_loss_factor)
+          state.get(metric_names.INTERMEDIATES, {}),
+          self.routing_loss.aux_loss_factor,
+          self.routing_loss.router_z_loss_factor)
       loss = loss + moe_loss
       metrics = self._compute_metrics(
           logits=logits, targets=targets, mask=weights, loss=loss,

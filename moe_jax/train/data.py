@@ -1,17 +1,18 @@
 """Training batches from a SeqIO task or mixture, a pure function of the step.
 
-Dimension names: B global batch (examples), P processes, N data shards.
+Dimension names (moe_jax's glossary): B global batch (examples), P
+processes, J data shards.
 
 The global batch of step t is the concatenation, over data shards
-s = 0 .. N-1, of the t-th batch of B / N examples of shard s; each shard is a
-deterministic stream (seqio `ShardInfo(s, N)`, shuffled with the run's seed,
-repeated). Process p of P reads only its own N / P shards, the rows that
+j = 0 .. J-1, of the t-th batch of B / J examples of shard j; each shard is a
+deterministic stream (seqio `ShardInfo(j, J)`, shuffled with the run's seed,
+repeated). Process p of P reads only its own J / P shards, the rows that
 land on its devices. So:
 
 * a run resumed at step t sees exactly the batches an uninterrupted run sees
   (exact resume);
 * P processes together see exactly the examples one process sees with the
-  same N, and no two processes read the same example.
+  same J, and no two processes read the same example.
 
 Imports seqio and TensorFlow; the model code does not.
 """
@@ -51,7 +52,7 @@ class DataConfig:
     split: the split to train on.
     objective: `Objective`.
     pack: pack several examples into a row (seqio packing).
-    num_shards: N data shards; 0 means one per process. Keep N fixed to get
+    num_shards: J data shards; 0 means one per process. Keep J fixed to get
       the same batches with a different number of processes.
     seed: shuffle seed (the same seed gives the same batches).
   """
@@ -78,7 +79,7 @@ class DataConfig:
                          f"{dict(self.task_feature_lengths)}")
 
   def shards(self, process_count: int) -> int:
-    """N for a job of `process_count` processes (checked)."""
+    """J for a job of `process_count` processes (checked)."""
     shards = self.num_shards or process_count
     if shards % process_count or self.batch_size % shards:
       raise ValueError(

@@ -1,6 +1,7 @@
 """The training loss: cross entropy plus the weighted routing losses.
 
-Dimension names: B batch, L target length, V vocabulary, N sparse layers.
+Dimension names (moe_jax's glossary): B batch, Lt target length, V
+vocabulary, R sparse layers.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +17,17 @@ from moe_jax.moe import metric_names
 from moe_jax.models.outputs import ModelOutput
 
 Array = jax.Array
+
+# The routing-loss weights' defaults, stated only here: LossConfig's, T5X's
+# MoE model's, and gin's macros (`AUX_LOSS_FACTOR = %DEFAULT_AUX_LOSS_FACTOR`
+# in gin/models/arch/moe_layers.gin and gin/t5x/moe_model.gin).
+# Switch Transformer's alpha; the z-loss weight is flaxformer's MoE default
+# (ST-MoE's own 1e-3 is set by gin/routing/st_moe.gin).
+DEFAULT_AUX_LOSS_FACTOR = 0.01
+DEFAULT_ROUTER_Z_LOSS_FACTOR = 1e-4
+gin.constant("objective.DEFAULT_AUX_LOSS_FACTOR", DEFAULT_AUX_LOSS_FACTOR)
+gin.constant("objective.DEFAULT_ROUTER_Z_LOSS_FACTOR",
+             DEFAULT_ROUTER_Z_LOSS_FACTOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +40,8 @@ class LossConfig:
     label_smoothing: mass spread uniformly over the vocabulary.
     logits_z_loss: weight of log(Z)^2 of the output softmax (PaLM / T5X).
   """
-  aux_loss_factor: float = 0.01
-  router_z_loss_factor: float = 0.0001
+  aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR
+  router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR
   label_smoothing: float = 0.0
   logits_z_loss: float = 0.0
 
@@ -48,9 +61,9 @@ def cross_entropy(logits: Array, targets: Array, weights: Array,
   """Mean over weighted target tokens of the (smoothed) cross entropy.
 
   Args:
-    logits: <float32>[B, L, V].
-    targets: <int32>[B, L].
-    weights: <float32>[B, L] (0 on padding); the loss is normalized by their
+    logits: <float32>[B, Lt, V].
+    targets: <int32>[B, Lt].
+    weights: <float32>[B, Lt] (0 on padding); the loss is normalized by their
       sum, i.e. by the number of target tokens.
 
   Returns:
@@ -86,7 +99,7 @@ def training_loss(output: ModelOutput, batch: Mapping[str, Array],
   Returns:
     (loss, metrics): metrics hold `cross_entropy` (without routing terms),
     the weighted and raw routing terms, the routing metrics averaged over
-    sparse layers, and per layer (`<name>/per_layer`, <[N]>).
+    sparse layers, and per layer (`<name>/per_layer`, <[R]>).
   """
   weights = batch.get("decoder_loss_weights",
                       (batch["decoder_target_tokens"] > 0).astype(jnp.float32))
