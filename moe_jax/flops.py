@@ -37,7 +37,6 @@ import numpy as np
 from moe_jax import gin_utils
 from moe_jax.models import (Architecture, TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
-from moe_jax.moe.routers import ExpertChoiceRouter
 from moe_jax.param_paths import flat_params
 
 PARTS = ("embeddings", "attention", "dense_ffn", "experts", "routers",
@@ -111,9 +110,8 @@ class ModelCounts:
 def _expert_share(config: TransformerConfig, stack: str) -> float:
   """Experts a token of `stack` uses on average, divided by E."""
   moe = config.moe(stack)
-  if isinstance(moe.router, ExpertChoiceRouter):
-    return min(moe.eval_capacity_factor, moe.num_experts) / moe.num_experts
-  return moe.router.capacity_multiplier / moe.num_experts
+  return moe.router.mean_experts_per_token(
+      moe.eval_capacity_factor, moe.num_experts) / moe.num_experts
 
 
 def count(config: TransformerConfig, input_length: int = 512,

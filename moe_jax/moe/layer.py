@@ -178,7 +178,7 @@ class MoeLayer(nn.Module):
               self.train_capacity_factor)
     return expert_capacity(group_size, self.num_experts, factor,
                            self.min_expert_capacity,
-                           self.router.capacity_multiplier)
+                           self.router.experts_per_token)
 
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                deterministic: bool = False,
