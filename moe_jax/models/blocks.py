@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from moe_jax.moe import metric_names
 from moe_jax.moe.experts import Activation, mlp
-from moe_jax.moe.layer import MoeLayer, MoeStats
+from moe_jax.moe.layer import MoeStats
 from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
                                       RelativePositionBias)
 from moe_jax.models.config import (PositionEmbedding, RematPolicy,
@@ -133,23 +133,9 @@ class TransformerLayer(nn.Module):
     stats = None
     moe = cfg.moe(self.stack)
     if self.sparse:
-      h, stats = MoeLayer(
-          num_experts=moe.num_experts,
-          expert_hidden_dim=moe.expert_hidden_dim or cfg.mlp_dim,
-          router=moe.router.clone(), dispatch=moe.dispatch,
-          grouped_matmul=moe.grouped_matmul,
-          train_capacity_factor=moe.train_capacity_factor,
-          eval_capacity_factor=moe.eval_capacity_factor,
-          min_expert_capacity=moe.min_expert_capacity,
-          max_group_size=moe.max_group_size,
-          activation=moe.activation or cfg.activation,
-          expert_dropout_rate=moe.expert_dropout_rate,
-          causal=self.stack == "decoder",
-          allow_expert_choice_in_causal=moe.allow_expert_choice_in_causal,
-          expert_parallel=moe.expert_parallel,
-          dtype=dtype, name="moe")(h, ctx.token_mask,
-                                   deterministic=deterministic,
-                                   token_ids=ctx.token_ids)
+      h, stats = cfg.moe_layer(self.stack).copy(name="moe")(
+          h, ctx.token_mask, deterministic=deterministic,
+          token_ids=ctx.token_ids)
       x = residual(x, h)
       if moe.extra_dense_ffn:
         h = RMSNorm(dtype=dtype, name="pre_extra_mlp_norm")(x)
