@@ -222,11 +222,14 @@ class Stack(nn.Module):
     key_positions = positions
     if decode:
       step = self.variable("cache", "step", jnp.zeros, (batch,), jnp.int32)
-      # Its shape records the cache length: [cache length].
-      slots = self.variable("cache", "slots", jnp.arange, length)
+      # <int32>[B, cache length]: its shape records the cache length. Batch
+      # first like every cache entry, so beam search can repeat it per beam.
+      slots = self.variable(
+          "cache", "slots",
+          lambda: jnp.broadcast_to(jnp.arange(length), (batch, length)))
       if length == 1 and not self.is_initializing():
         decode_index = step.value
-        cache_length = slots.value.shape[0]
+        cache_length = slots.value.shape[1]
         # From the shape, not the values: callers may build the cache
         # abstractly and zero-fill it (moe_jax.train.evaluation does).
         key_positions = jnp.broadcast_to(jnp.arange(cache_length),
