@@ -199,7 +199,7 @@ def test_t5x_gin_files_parse(tmp_path):
         [str(root / "gin/models/t5_1_1_tiny_moe.gin"), str(prelude),
          str(root / "gin/t5x/moe_model.gin"),
          str(root / "gin/t5x/partitioning.gin")], [])
-    model = gin.query_parameter("MODEL").scoped_configurable_fn()
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     assert isinstance(model, moe_model_class("encoder_decoder"))
   finally:
     gin.clear_config()
