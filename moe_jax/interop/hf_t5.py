@@ -91,6 +91,5 @@ def export_t5(params: Mapping[str, Any],
               config: TransformerConfig) -> dict[str, np.ndarray]:
   """HF T5 state dict (numpy float32) from moe_jax `params`, with
   `lm_head.weight` (tied: a copy of `shared.weight`)."""
-  copies = {"lm_head.weight": "shared.weight",
-            **hf_common.t5_copies(config)}
-  return hf_common.export_params(params, _pairs(config), copies)
+  return hf_common.export_params(params, _pairs(config),
+                                 hf_common.t5_copies(config))
