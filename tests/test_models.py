@@ -264,15 +264,13 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
 
 
 def test_default_kv_heads_keep_attention_shapes():
-  config = tiny()
-  shapes = jax.eval_shape(lambda: init(build_model(config),
-                                       random_batch(config)))["params"]
-  kernel = nn.unbox(shapes)["decoder"]["block_0"]["layer_0"][
-      "self_attention"]["key"]["kernel"]
-  assert kernel.shape == (16, 2, 8)
-  assert jax.tree.structure(shapes) == jax.tree.structure(jax.eval_shape(
-      lambda: init(build_model(tiny(num_kv_heads=2)), random_batch(config))
-  )["params"])
+  shapes = lambda config: jax.tree.map(lambda x: x.shape, nn.unbox(
+      jax.eval_shape(lambda: init(build_model(config), random_batch(config))
+                     )["params"]))
+  default = shapes(tiny())
+  assert default["decoder"]["block_0"]["layer_0"]["self_attention"]["key"][
+      "kernel"] == (16, 2, 8)
+  assert shapes(tiny(num_kv_heads=2)) == default   # K = H
 
 
 def test_bad_configs_fail_with_the_knob():
