@@ -68,6 +68,10 @@ def test_logits_equal_hf_and_round_trip(per_sequence):
 
 def test_dropped_tokens_match_hf_per_sequence():
   # 4 experts, 12 encoder tokens per sequence, 2 slots each: tokens drop.
+  if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("transformers < 5 passes a dropped token's input through "
+                "(times its router probability); moe_jax and transformers 5 "
+                "give it a zero expert output")
   model = hf_model(expert_capacity=2)
   config = hf_switch.config_from_hf(model.config, encoder_length=ENC_LEN,
                                     decoder_length=DEC_LEN)

@@ -275,6 +275,7 @@ def load_safetensors(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
 def save_safetensors(state_dict: Mapping[str, np.ndarray],
                      path: Union[str, os.PathLike]) -> None:
   """Writes an exported state dict as one `.safetensors` file (each copy of
-  a shared array written separately, as safetensors needs)."""
+  a shared array written separately), marked as torch's ("format": "pt")
+  as transformers' `from_pretrained` expects."""
   save_file({key: np.ascontiguousarray(value) for key, value in
-             state_dict.items()}, os.fspath(path))
+             state_dict.items()}, os.fspath(path), metadata={"format": "pt"})
