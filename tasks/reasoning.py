@@ -10,13 +10,13 @@ prompt ending in "Let's think step by step.") and mixtures
 answer equals the target's).
 """
 
-import json
 import os
 from typing import Dict, List, Mapping
 
 import seqio
 
 from tasks import data_dir
+from tasks import file_sources
 from tasks import metrics
 from tasks import suites
 
@@ -24,6 +24,7 @@ ITEMS = ("gsm8k", "svamp", "asdiv")
 MODES = {"direct": False, "cot": True}
 COT_TRIGGER = "Let's think step by step."
 GSM8K_MARK = "####"
+FIELDS = ("question", "answer")
 
 
 def target_number(answer: str) -> str:
@@ -34,21 +35,16 @@ def target_number(answer: str) -> str:
 
 
 def read_jsonl(path: str) -> List[Dict[str, str]]:
-  """{"question", "answer" (the final number)} per line; ValueError names
-  the file and the 1-based line."""
+  """{"question", "answer" (the final number)} per example; ValueError names
+  the file and the line (malformed JSON) or example (answer not a number)."""
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        rows.append({"question": str(record["question"]),
-                     "answer": target_number(str(record["answer"]))})
-      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}:{lineno}: expected {{\"question\", "
-                         f"\"answer\"}} with a numeric final answer "
-                         f"({type(e).__name__}: {e})") from e
+  for i, r in enumerate(file_sources.read_jsonl(path, FIELDS), 1):
+    try:
+      rows.append({"question": r["question"],
+                   "answer": target_number(r["answer"])})
+    except ValueError as e:
+      raise ValueError(f"{path}: example {i}: the answer {r['answer']!r} "
+                       "does not end in a number") from e
   return rows
 
 

@@ -256,7 +256,7 @@ def test_reasoning_task_and_final_number_metric(reasoning_dir):
   bad = reasoning_dir / "reasoning" / "svamp_test.jsonl"
   bad.write_text('{"question": "q", "answer": "7"}\n{"question": "q", '
                  '"answer": "seven"}\n')
-  with pytest.raises(ValueError, match="svamp_test.jsonl:2: expected"):
+  with pytest.raises(ValueError, match="svamp_test.jsonl: example 2: the answer 'seven'"):
     reasoning.examples("svamp", cot=False)
 
 
