@@ -4,10 +4,10 @@ dense FFN) layouts under flaxformer's names; refusals; warm start.
 
 What this can show without flaxformer: the files are T5X's own (written and
 re-read by T5X's checkpointer), the names and shapes are flaxformer's (a
-hand-written table from flaxformer's source), and a HF SwitchTransformers
-model renamed to flaxformer's names by HF's own T5X conversion rules gives
-HF's logits after the round trip through a T5X checkpoint (HF and
-flaxformer compute the same function). It cannot run flaxformer itself.
+hand-written table from flaxformer's source), and the reader gives back
+bitwise the parameters and logits that were written. It cannot run
+flaxformer itself, so logits are compared to this project's model, not to
+flaxformer's.
 """
 
 import dataclasses
