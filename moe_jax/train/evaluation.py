@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from moe_jax.models import Architecture, TransformerConfig, build_model
 from moe_jax.models import decoding
+from moe_jax.train import eval_averages
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
 from moe_jax.train.step import model_inputs
@@ -170,7 +171,8 @@ class Evaluator:
     self.model_dir = Path(model_dir) if model_dir else None
 
   def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}}, also written to the model directory."""
+    """{task: {metric: value}} and {"<mixture>/average": {metric: value}}
+    (`eval_averages`), also written to the model directory."""
     size = self.config.batch_size
     future, _ = self._seqio.evaluate(
         compute_metrics=True, step=step,
@@ -179,6 +181,8 @@ class Evaluator:
     metrics = {task: {name: float(getattr(value, "value", value))
                       for name, value in task_metrics.items()}
                for task, task_metrics in future.result().items()}
+    metrics.update(eval_averages.averages(self.config.mixture_or_task_name,
+                                          metrics))
     if self.model_dir is not None and jax.process_index() == 0:
       self._write(metrics, step)
     return metrics

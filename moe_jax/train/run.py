@@ -52,6 +52,9 @@ class TrainConfig:
     init_checkpoint: a model directory (its latest step) or a step
       directory to initialize parameters from when the run starts fresh.
     init_mode: `warm_start.InitMode`.
+    init_format: `warm_start.CheckpointFormat` of init_checkpoint ('t5x':
+      a T5X checkpoint in flaxformer's names, e.g. a released T5 v1.1 /
+      Switch / ST-MoE one).
     init_params_include: regex over '/'-joined parameter paths (MATCHING).
     overwrite_config: accept a model directory written with another config.
     async_checkpointing: write checkpoints in the background.
@@ -66,6 +69,8 @@ class TrainConfig:
   seed: int = 0
   init_checkpoint: Optional[str] = None
   init_mode: warm_start.InitMode = warm_start.InitMode.MATCHING
+  init_format: warm_start.CheckpointFormat = (
+      warm_start.CheckpointFormat.MOE_JAX)
   init_params_include: str = ".*"
   overwrite_config: bool = False
   async_checkpointing: bool = True
@@ -73,6 +78,8 @@ class TrainConfig:
 
   def __post_init__(self):
     knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
+    knobs.choice(warm_start.CheckpointFormat, "init_format",
+                 self.init_format)
     for knob in ("num_steps", "save_every", "keep_checkpoints", "log_every"):
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
@@ -188,7 +195,8 @@ class _Trainer:
     if source is not None:
       filled, copied = warm_start.from_checkpoint(
           params, source, self.run.train.init_mode,
-          self.run.train.init_params_include)
+          self.run.train.init_params_include, self.run.model,
+          self.run.train.init_format)
       if jax.process_index() == 0:
         print(f"initialized {len(copied)} parameter arrays from {source}")
       params = jax.device_put(filled, shardings.params)
