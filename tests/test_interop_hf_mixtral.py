@@ -91,6 +91,17 @@ def test_each_expert_layout_round_trips(fused_experts):
                hf_mixtral.import_mixtral(exported, config), params)
 
 
+def test_bfloat16_file_reads_lazily_as_the_model(tmp_path):
+  model = hf_model().to(torch.bfloat16)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  weights = hf_common.load_safetensors(tmp_path)
+  assert isinstance(weights["lm_head.weight"], hf_common.SafetensorsArray)
+  config = hf_mixtral.config_from_hf(model.config)
+  jax.tree.map(np.testing.assert_array_equal,
+               hf_mixtral.import_mixtral(weights, config),
+               hf_mixtral.import_mixtral(model.state_dict(), config))
+
+
 @pytest.mark.parametrize("overrides, knob", [
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),

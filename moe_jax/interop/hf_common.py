@@ -35,7 +35,8 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from moe_jax.interop import checks
 from moe_jax.models import build_model, dummy_batch
@@ -255,20 +256,43 @@ def export_params(params: Mapping[str, Any], all_pairs: Iterable[Pair],
   return out
 
 
-def load_safetensors(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
-  """{HF key: numpy array} from a `.safetensors` file or a model directory
-  (its `model.safetensors`, or every shard of its index); no pickle."""
+class SafetensorsArray:
+  """One array of a `.safetensors` file: its `shape` from the header, its
+  values read only when converted (`np.asarray`)."""
+
+  def __init__(self, path: str, key: str, shape: tuple[int, ...]):
+    self.path, self.key, self.shape = path, key, tuple(shape)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy   # every read is a fresh array
+    with safe_open(self.path, framework="np") as f:
+      w = f.get_tensor(self.key)
+    return w if dtype is None else w.astype(dtype)
+
+
+def _file_arrays(path: str) -> dict[str, SafetensorsArray]:
+  with safe_open(path, framework="np") as f:
+    return {key: SafetensorsArray(path, key, f.get_slice(key).get_shape())
+            for key in f.keys()}
+
+
+def load_safetensors(path: Union[str, os.PathLike]
+                     ) -> dict[str, SafetensorsArray]:
+  """{HF key: array} of a `.safetensors` file or a model directory (its
+  `model.safetensors`, or every shard of its index); no pickle. Arrays are
+  read one at a time as the importer converts them, so an import holds
+  the converted copy and one checkpoint array."""
   path = os.fspath(path)
   if not os.path.isdir(path):
-    return load_file(path)
+    return _file_arrays(path)
   index = os.path.join(path, "model.safetensors.index.json")
   if not os.path.exists(index):
-    return load_file(os.path.join(path, "model.safetensors"))
+    return _file_arrays(os.path.join(path, "model.safetensors"))
   with open(index, encoding="utf-8") as f:
     shards = sorted(set(json.load(f)["weight_map"].values()))
   out = {}
   for shard in shards:
-    out.update(load_file(os.path.join(path, shard)))
+    out.update(_file_arrays(os.path.join(path, shard)))
   return out
 
 
