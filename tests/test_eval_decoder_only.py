@@ -138,11 +138,11 @@ def test_an_eval_task_without_a_feature_the_objective_needs(tmp_path):
       name, source=seqio.FunctionDataSource(
           lambda split, shuffle_files: None, splits=["validation"]),
       output_features={"targets": seqio.Feature(seqio.ByteVocabulary())},
-      metric_fns=[lambda targets, predictions: {}])
+      metric_fns=[lambda targets, scores: {}])
   try:
     with pytest.raises(ValueError, match=f"eval task {name} has no feature "
                        "'inputs', which objective=prefix_lm needs"):
       run("prefix_lm", name, tmp_path)
-    eval_checks.check_eval_tasks(name, "validation", "lm")
+    eval_checks.check_eval_tasks(name, "validation", "lm")  # scores only
   finally:
     seqio.TaskRegistry.remove(name)

@@ -108,6 +108,7 @@ class ModelFns:
     batch['encoder_input_tokens'] (encoder-decoder), or continuing the
     prompt of batch['decoder_input_tokens'] where
     batch['decoder_causal_attention'] is 1 (decoder-only, prefix-LM)."""
+    eval_checks.check_predict(self.objective)
     if self.decoder_only:
       start = generation.decoder_only(self.model, params,
                                       batch["decoder_input_tokens"],
