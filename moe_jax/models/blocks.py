@@ -259,8 +259,10 @@ class Stack(nn.Module):
     num_blocks = cfg.num_layers(self.stack) // cfg.block_size(self.stack)
     block = _block_class(cfg)
     if cfg.scan_layers:
+      # The cache's layer axis is axis 1, so every cache entry stays batch
+      # first (decoding repeats and reorders rows on axis 0 of each leaf).
       scanned = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+          block, variable_axes={"params": 0, "cache": 1, "intermediates": 0,
                                 metric_names.ROUTING: 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,

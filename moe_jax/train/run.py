@@ -29,7 +29,7 @@ import numpy as np
 from moe_jax import distributed, flops, knobs, partitioning
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
-from moe_jax.train import loop, warm_start
+from moe_jax.train import eval_checks, loop, warm_start
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.data import BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -102,6 +102,12 @@ class Run:
   loss: LossConfig = LossConfig()
   eval: Optional[EvalConfig] = None
   config_text: str = ""   # stored beside the checkpoints
+
+  def __post_init__(self):
+    # Here rather than at the first evaluation, after training.
+    if self.eval is not None and self.eval.mixture_or_task_name:
+      eval_checks.check_eval_tasks(self.eval.mixture_or_task_name,
+                                   self.eval.split, self.data.objective)
 
 
 @gin.configurable("moe_jax_run")
