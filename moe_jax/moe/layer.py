@@ -49,8 +49,9 @@ class MoeStats:
     router_z_loss: scalar router z-loss (unweighted).
     fraction_tokens_left_behind: real tokens processed by no expert / real
       tokens. These tokens pass through the residual only.
-    router_confidence: mean over real tokens of the sum of their combine
-      weights.
+    router_confidence: summed combine weights / dispatched (token, expert)
+      pairs: the mean combine weight of a dispatched pair (flaxformer's
+      definition, the name T5X's MoE models report).
     expert_usage: dispatched (token, expert) pairs / total expert capacity
       (G * E * C), FLAN-MoE's definition; on the dropless path C is the
       capacity the capacity factor would give.
@@ -296,8 +297,9 @@ class MoeLayer(nn.Module):
       gate_sum = decision.total_gate(group_size)
     real = jnp.maximum(jnp.sum(token_mask), 1.0)
     left_behind = jnp.sum((per_token == 0) * token_mask) / real
-    confidence = jnp.sum(gate_sum * token_mask) / real
     load = decision.expert_load(self.num_experts)
+    confidence = (jnp.sum(gate_sum * token_mask) /
+                  jnp.maximum(jnp.sum(load), 1.0))
     total_capacity = token_mask.shape[0] * self.num_experts * capacity
     return MoeStats(
         auxiliary_loss=routed.auxiliary_loss,
