@@ -3,7 +3,8 @@ the project's gin/t5x files, on CPU with short sequences:
 
 - the tiny sparse T5, unrolled: 3 training steps (checkpoints 0, 2, 3), a
   restart from its step-2 checkpoint, eval (predict and score);
-- the same model with scanned layers: 2 steps, then eval (score);
+- the same model with scanned layers: 2 steps, then eval (predict: T5X's
+  beam search over the scanned cache);
 - the tiny sparse decoder-only model: 2 steps, then infer (prefix LM).
 
 The runs are shared by the assertions and run RUNS_AT_ONCE at a time. Skips
@@ -119,7 +120,8 @@ def followups(trained, tmp_path_factory) -> dict[str, Path]:
   checkpoint, trained again to STEPS (a restarted job).
   """
   out = {name: tmp_path_factory.mktemp(name) for name in (
-      "resumed", "predict", "score", "score_scanned", "infer_decoder_only")}
+      "resumed", "predict", "score", "predict_scanned",
+      "infer_decoder_only")}
   shutil.copytree(trained["unrolled"] / f"checkpoint_{RESUME_FROM}",
                   out["resumed"] / f"checkpoint_{RESUME_FROM}")
 
@@ -141,10 +143,8 @@ def followups(trained, tmp_path_factory) -> dict[str, Path]:
       "resumed": train_command(TRAINS["unrolled"], out["resumed"]),
       "predict": evaluate("predict", "mini_flan_add_zs"),   # beam search
       "score": evaluate("score", "mini_flan_sign_rank"),    # rank options
-      # Not infer: T5X's beam search cannot yet decode a scanned stack (the
-      # stack-level cache entries `step` and `slots` have no layer axis).
-      "score_scanned": evaluate("score_scanned", "mini_flan_sign_rank",
-                                "scanned"),
+      "predict_scanned": evaluate("predict_scanned", "mini_flan_add_zs",
+                                  "scanned"),
       "infer_decoder_only": infer("infer_decoder_only",
                                   "infer_decoder_only_tiny_moe.gin",
                                   "decoder_only"),
@@ -196,7 +196,7 @@ def test_restart_resumes_from_the_checkpoint(trained, followups):
 @pytest.mark.parametrize("name, task, metric", [
     ("predict", "mini_flan_add_zs", "exact_match"),
     ("score", "mini_flan_sign_rank", "rank_accuracy"),
-    ("score_scanned", "mini_flan_sign_rank", "rank_accuracy")])
+    ("predict_scanned", "mini_flan_add_zs", "exact_match")])
 def test_eval_restores_the_checkpoint_and_writes_metrics(followups, name,
                                                           task, metric):
   lines = (followups[name] / f"inference_eval/{task}-metrics.jsonl")

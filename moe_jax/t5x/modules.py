@@ -56,17 +56,7 @@ def _ignoring(method: Callable, name: str) -> Callable:
   return adapted
 
 
-class _ScanLayers:
-  """T5X's models read `module.scan_layers`: when set, every decode cache
-  leaf is layer-first ([layers, B, ...]) and T5X's beam search and sampling
-  expand and reorder it along axis 1 instead of 0."""
-
-  @property
-  def scan_layers(self) -> bool:
-    return self.config.scan_layers
-
-
-class T5XEncoderDecoder(_ScanLayers, EncoderDecoder):
+class T5XEncoderDecoder(EncoderDecoder):
   """`EncoderDecoder` whose `encode` returns encoded <[B, Le, D]>, and whose
   `decode` and `__call__` return logits <float32>[B, Ld, V]."""
   encode = _without_stats(EncoderDecoder.encode)
@@ -74,7 +64,7 @@ class T5XEncoderDecoder(_ScanLayers, EncoderDecoder):
   __call__ = _without_stats(EncoderDecoder.__call__, _logits)
 
 
-class T5XDecoderOnly(_ScanLayers, DecoderOnly):
+class T5XDecoderOnly(DecoderOnly):
   """`DecoderOnly` whose `__call__` returns logits <float32>[B, L, V]. It
   also takes the `max_decode_length` T5X's sampling passes, unused: the
   cache made at init fixes the decode length (as `EncoderDecoder.decode`)."""
