@@ -3,6 +3,7 @@ when warnings fire, router entropy against captured router probabilities,
 and a real training run whose router sends every token to expert 0."""
 
 import json
+import types
 
 import gin
 import jax
@@ -18,7 +19,7 @@ from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.moe.routers.hash_layers import HashRouter
 from moe_jax.train import (checkpoints, loop, metrics_log, objective,
-                           optimizers, routing_monitor as rm, run)
+                           optimizers, routing_monitor as rm, run, summary)
 
 VOCAB, EXPERTS, BATCH, LENGTH = 32, 4, 2, 8
 
@@ -135,8 +136,8 @@ def test_collapsed_router_run_warns_and_logs_the_load(tmp_path, capsys):
                                   keep=1, async_save=False)
   optimizer = optimizers.make_optimizer(optimizers.OptimizerConfig(
       learning_rate=1e-2, warmup_steps=1))
-  loop.train(model, optimizer, objective.LossConfig(), _batch, 4, ckpt,
-             on_step=logger)
+  result = loop.train(model, optimizer, objective.LossConfig(), _batch, 4,
+                      ckpt, on_step=logger)
   ckpt.close()
   logger.close()
   records = [json.loads(l) for l in
@@ -188,6 +189,12 @@ def test_collapsed_router_run_warns_and_logs_the_load(tmp_path, capsys):
   np.testing.assert_array_equal(histograms[-1][:, 2], expected_load)
   np.testing.assert_array_equal(histograms[-1][:, 0],
                                 np.arange(EXPERTS) - 0.5)
+  printed = summary.format_summary(
+      types.SimpleNamespace(train=types.SimpleNamespace(model_dir="dir")),
+      run.TrainResult(result, {}))
+  assert (f"load_cv (worst layer)        {np.sqrt(EXPERTS - 1):.4f} (layer 0"
+          in printed)
+  assert "router_entropy               0.0000" in printed
 
 
 def test_gin_binds_the_thresholds(tmp_path):
