@@ -29,7 +29,7 @@ import numpy as np
 from moe_jax import distributed, flops, knobs, partitioning
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
-from moe_jax.train import eval_checks, loop, warm_start
+from moe_jax.train import eval_checks, loop, routing_monitor, warm_start
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.data import BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -59,6 +59,8 @@ class TrainConfig:
     overwrite_config: accept a model directory written with another config.
     async_checkpointing: write checkpoints in the background.
     peak_tflops_per_device: for MFU where the device kind is unknown.
+    monitor: thresholds of the routing warnings
+      (`routing_monitor.MonitorConfig`).
   """
   model_dir: str
   num_steps: int
@@ -75,6 +77,7 @@ class TrainConfig:
   overwrite_config: bool = False
   async_checkpointing: bool = True
   peak_tflops_per_device: Optional[float] = None
+  monitor: routing_monitor.MonitorConfig = routing_monitor.MonitorConfig()
 
   def __post_init__(self):
     knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
@@ -229,7 +232,8 @@ def train(run: Run) -> TrainResult:
   counts = flops.count(run.model, lengths.get("inputs", 0), lengths["targets"])
   logger = MetricsLogger(cfg.model_dir, cfg.num_steps, tokens,
                          3 * counts.forward_flops * run.data.batch_size,
-                         cfg.log_every, cfg.peak_tflops_per_device)
+                         cfg.log_every, cfg.peak_tflops_per_device,
+                         cfg.monitor)
   eval_metrics = {}
 
   def evaluate(step: int, state: TrainState) -> None:
