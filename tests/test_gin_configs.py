@@ -122,6 +122,27 @@ def test_run_files_build_a_run(path, tmp_path):
   assert built.model.vocab_size >= 1
 
 
+def test_mixtral_style_preset_sets_kv_heads_and_norm_epsilon():
+  """NUM_KV_HEADS and NORM_EPSILON reach the model: one key/value head
+  (grouped-query attention) in the built parameters, epsilon 1e-5; the
+  macros override from the command line."""
+  path = "gin/models/mixtral_style_tiny.gin"
+  config = _config(path)
+  assert (config.num_heads, config.num_kv_heads) == (2, 1)
+  assert config.norm_epsilon == 1e-5
+  shapes = jax.eval_shape(lambda: build_model(config).init(
+      jax.random.PRNGKey(0), **dummy_batch(config, 1, 8, 8),
+      enable_dropout=False))["params"]
+  attention = shapes["decoder"]["block_0"]["layer_0"]["self_attention"]
+  kernels = {name: attention[name]["kernel"].value.shape
+             for name in ("query", "key", "value")}
+  assert kernels == {"query": (32, 2, 16), "key": (32, 1, 16),
+                     "value": (32, 1, 16)}
+  config = _config(path, bindings=["NUM_KV_HEADS = 2", "NORM_EPSILON = 1e-6"])
+  assert (config.num_kv_heads, config.norm_epsilon) == (2, 1e-6)
+  assert _config("gin/models/decoder_only_tiny.gin").num_kv_heads is None
+
+
 def test_routing_file_changes_the_router():
   config = _config("gin/models/t5_1_1_tiny_moe.gin",
                    "gin/routing/expert_choice.gin")

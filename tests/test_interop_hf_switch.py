@@ -108,3 +108,27 @@ def test_untied_every_layer_sparse_other_epsilon():
 def test_rejects_unsupported_configs(overrides, knob):
   with pytest.raises(ValueError, match=knob):
     hf_switch.config_from_hf(hf_config(**overrides))
+
+
+def test_per_sequence_config_refuses_other_lengths():
+  """The per-sequence capacity holds for the lengths it was built for; a
+  batch of other lengths (groups across sequences, other drops) is refused
+  naming the knob, in either stack."""
+  model = hf_model(expert_capacity=2)
+  config = hf_switch.config_from_hf(model.config, encoder_length=ENC_LEN,
+                                    decoder_length=DEC_LEN)
+  assert config.encoder_moe.sequence_length == ENC_LEN
+  assert config.decoder_moe.sequence_length == DEC_LEN
+  assert hf_switch.config_from_hf(model.config).encoder_moe.sequence_length \
+      is None
+  params = hf_switch.import_switch(model.state_dict(), config)
+  enc, dec_in, dec_tgt = batch()
+  with pytest.raises(ValueError, match=(
+      f"encoder_moe.sequence_length={ENC_LEN}: .* sequences have "
+      f"{ENC_LEN - 4};")):
+    our_logits(params, config, enc[:, :-4], dec_in, dec_tgt)
+  with pytest.raises(ValueError, match=(
+      f"decoder_moe.sequence_length={DEC_LEN}: .* sequences have "
+      f"{DEC_LEN + 1};")):
+    our_logits(params, config, enc, *(np.pad(a, ((0, 0), (0, 1)))
+                                      for a in (dec_in, dec_tgt)))

@@ -56,7 +56,9 @@ def config_from_hf(hf_config: Any, *, capacity_factor: Optional[float] = None
     hf_config: the HF config.
     capacity_factor: None: dropless (as HF). Otherwise the SCATTER path
       with this train and eval capacity factor (`MoeLayer`'s); HF's
-      logits whenever no token is dropped.
+      logits whenever no token is dropped. The capacity is per group of
+      min(B * L, max_group_size) tokens: it follows the batch below
+      `max_group_size` (`TransformerConfig.with_moe_layers` sets it).
   """
   hf_common.check_model_type(hf_config, "mixtral",
                              "moe_jax.interop.hf_mixtral")

@@ -15,11 +15,14 @@ Routing is Switch's top-1 token choice: softmax over experts in float32,
 the gate is the top probability, tokens claim expert slots in sequence
 order. HF's capacity is `expert_capacity` tokens per expert per sequence.
 Given a stack's sequence length, moe_jax routes each sequence as one group
-with exactly that capacity, so the same tokens are dropped. Without it, the
-stack is dropless: equal to HF whenever HF drops no token. moe_jax never
-routes padding; HF does (it stores `router_ignore_padding_tokens` but does
-not read it), so the two differ only where padding precedes real tokens in
-a sequence and takes a slot a real token needed.
+with exactly that capacity, so the same tokens are dropped; the config
+records the length (`MoeConfig.sequence_length`) and the model refuses a
+batch of another length, whose groups would straddle sequences and whose
+drops would silently differ from HF's. Without it, the stack is dropless:
+equal to HF whenever HF drops no token. moe_jax never routes padding; HF
+does (it stores `router_ignore_padding_tokens` but does not read it), so
+the two differ only where padding precedes real tokens in a sequence and
+takes a slot a real token needed.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def _moe(hf_config: Any, every: Optional[int],
   return MoeConfig(layer=MoeLayer(
       router=TokenChoiceRouter(
           num_selected_experts=1, jitter_noise=hf_config.router_jitter_noise),
-      num_experts=experts, **grouping), sparse_every=every)
+      num_experts=experts, **grouping), sparse_every=every,
+      sequence_length=length)
 
 
 def config_from_hf(hf_config: Any, *, encoder_length: Optional[int] = None,

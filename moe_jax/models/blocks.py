@@ -135,6 +135,8 @@ class TransformerLayer(nn.Module):
     stats = None
     moe = cfg.moe(self.stack)
     if self.sparse:
+      if not self.is_initializing():   # parameter shapes do not need L
+        moe.check_length(self.stack, h.shape[1])
       h, stats = cfg.moe_layer(self.stack).copy(name="moe")(
           h, ctx.token_mask, deterministic=deterministic,
           token_ids=ctx.token_ids)

@@ -51,15 +51,40 @@ class MoeConfig:
     sparse_every: the FFN of the last layer of every block of this many
       layers is an MoE layer (2: layers 1, 3, 5, ...; 1: every layer).
     extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
+    sequence_length: L, the tokens per sequence the layer's groups and
+      capacity were set for (e.g. one group of L tokens per sequence with
+      HF SwitchTransformers' capacity: `hf_switch.config_from_hf` with
+      `encoder_length` / `decoder_length`); the model refuses a batch of
+      another length (and so step-by-step decoding), naming this knob;
+      `init` takes any length.
+      None: any length, capacity per group of min(B * L, max_group_size)
+      tokens.
   """
   layer: MoeLayer
   sparse_every: int = 2
   extra_dense_ffn: bool = False
+  sequence_length: Optional[int] = None
 
   def __post_init__(self):
     if not isinstance(self.layer, MoeLayer):
       raise ValueError("layer must be a moe_jax.moe.layer.MoeLayer; got "
                        f"layer={self.layer!r}")
+    if self.sequence_length is not None and self.sequence_length < 1:
+      raise ValueError("sequence_length must be None or >= 1; got "
+                       f"sequence_length={self.sequence_length}")
+
+  def check_length(self, stack: str, length: int) -> None:
+    """Raises ValueError, naming `{stack}_moe.sequence_length`, unless a
+    batch of `length`-token sequences is one the capacity was set for."""
+    if self.sequence_length is None or length == self.sequence_length:
+      return
+    raise ValueError(
+        f"{stack}_moe.sequence_length={self.sequence_length}: the sparse "
+        f"layers' groups and capacity were set for sequences of "
+        f"{self.sequence_length} tokens, but this batch's {stack} sequences "
+        f"have {length}; pad or cut the batch to {self.sequence_length} "
+        f"tokens, or rebuild the config for {length} (for decoding step by "
+        "step, use sequence_length=None)")
 
 
 @dataclasses.dataclass(frozen=True)
