@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from moe_jax import axes, knobs
 from moe_jax.moe import capture, expert_parallel, grouped_matmul, metric_names
-from moe_jax.moe.dispatch import (PATHS, Dispatch, expert_capacity,
-                                  group_shape, group_tokens)
+from moe_jax.moe.dispatch import (PATHS, Dispatch, check_capacity_factor,
+                                  expert_capacity, group_shape, group_tokens)
 from moe_jax.moe.experts import Activation, Experts, expert_fns
 from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router, TokenChoice
@@ -83,9 +83,11 @@ class MoeLayer(nn.Module):
       `dropless` never drops a token (token choice only).
     grouped_matmul: `GroupedMatmul` of the dropless path (default
       `ragged_dot`; see `moe_jax.moe.grouped_matmul`).
-    train_capacity_factor: capacity factor when deterministic=False.
+    train_capacity_factor: capacity factor when deterministic=False, in
+      T5X's convention: C = capacity_factor * S / E slots per expert, for
+      any k (`moe_jax.moe.dispatch.expert_capacity`; docs/presets.md).
     eval_capacity_factor: capacity factor when deterministic=True.
-    min_expert_capacity: lower bound on C.
+    min_expert_capacity: lower bound on C, >= 1.
     max_group_size: at most this many tokens route together (S). With
       expert_parallel the number of groups G is rounded up to a multiple of
       the mesh's data * expert devices (and S shrinks to match).
@@ -146,16 +148,16 @@ class MoeLayer(nn.Module):
       raise ValueError(f"router must be a moe_jax.moe.routing.Router; got "
                        f"router={self.router!r}")
     self.router.validate(self.num_experts)
-    if dispatch != Dispatch.DROPLESS:
-      for knob in ("train_capacity_factor", "eval_capacity_factor"):
-        if getattr(self, knob) <= 0:
-          raise ValueError(f"{knob} must be > 0 on the {dispatch.value} path; "
-                           f"got {knob}={getattr(self, knob)}")
-    elif not self.router.supports_dropless:
+    # The dropless path drops nothing but reports expert_usage against the
+    # capacity these knobs give, so they are checked on every path.
+    for knob in ("train_capacity_factor", "eval_capacity_factor"):
+      check_capacity_factor(knob, getattr(self, knob))
+    if dispatch == Dispatch.DROPLESS and not self.router.supports_dropless:
       raise ValueError(f"dispatch='dropless' needs token choice routing; "
                        f"router={type(self.router).__name__} needs capacity")
-    if self.min_expert_capacity < 0:
-      raise ValueError("min_expert_capacity must be >= 0; got "
+    if self.min_expert_capacity < 1:
+      raise ValueError("min_expert_capacity must be >= 1 (capacity 0 would "
+                       "drop every token); got "
                        f"min_expert_capacity={self.min_expert_capacity}")
     if self.max_group_size < 1:
       raise ValueError(
@@ -205,8 +207,7 @@ class MoeLayer(nn.Module):
     factor = (self.eval_capacity_factor if deterministic else
               self.train_capacity_factor)
     return expert_capacity(group_size, self.num_experts, factor,
-                           self.min_expert_capacity,
-                           self.router.experts_per_token)
+                           self.min_expert_capacity)
 
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                deterministic: bool = False,
