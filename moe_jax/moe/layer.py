@@ -33,7 +33,8 @@ from moe_jax import axes, knobs
 from moe_jax.moe import capture, expert_parallel, grouped_matmul, metric_names
 from moe_jax.moe.dispatch import (PATHS, Dispatch, check_capacity_factor,
                                   expert_capacity, group_shape, group_tokens)
-from moe_jax.moe.experts import Activation, Experts, expert_fns
+from moe_jax.moe.experts import (Activation, ExpertDropout, Experts,
+                                 expert_fns)
 from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router, TokenChoice
 
@@ -104,7 +105,8 @@ class MoeLayer(nn.Module):
       the traced mesh (`moe_jax.moe.expert_parallel`: all-to-all of expert
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
-      Same function either way; requires expert_dropout_rate=0.
+      Same function either way (expert dropout: the same distribution,
+      one key per device).
     dtype: activation dtype of the experts (router math is float32); a
       model sets its own activation dtype.
     param_dtype: dtype of the stored expert weights.
@@ -165,10 +167,6 @@ class MoeLayer(nn.Module):
     if not 0 <= self.expert_dropout_rate < 1:
       raise ValueError("expert_dropout_rate must be in [0, 1); got "
                        f"expert_dropout_rate={self.expert_dropout_rate}")
-    if self.expert_parallel and self.expert_dropout_rate:
-      raise ValueError(
-          "expert_parallel=True has no expert dropout; got "
-          f"expert_dropout_rate={self.expert_dropout_rate}")
     if (self.causal and self.router.sees_whole_group and
         not self.allow_expert_choice_in_causal):
       raise ValueError(
@@ -200,7 +198,6 @@ class MoeLayer(nn.Module):
         activation=self.expert_activation,
         dtype=self.dtype,
         param_dtype=self.param_dtype)
-    self.expert_dropout = nn.Dropout(self.expert_dropout_rate)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of `group_size` tokens (see `dispatch.expert_capacity`)."""
@@ -260,10 +257,11 @@ class MoeLayer(nn.Module):
       # would fail with a less clear error.
       run = expert_parallel.wrap(run, expert_parallel.check_mesh(
           self.num_experts, num_groups, self.expert_hidden_dim))
-    experts = expert_fns(
-        self.experts(width), self.expert_activation,
-        grouped_matmul.resolve(self.grouped_matmul),
-        lambda h: self.expert_dropout(h, deterministic=deterministic))
+    dropout = ExpertDropout(
+        None if deterministic or not self.expert_dropout_rate else
+        self.make_rng("dropout"), self.expert_dropout_rate)
+    experts = expert_fns(self.experts(width), self.expert_activation,
+                         grouped_matmul.resolve(self.grouped_matmul), dropout)
     out = run(tokens, routed.decision, self.num_experts, experts, capacity)
     out = out.reshape(-1, width)[:batch * length].reshape(batch, length, width)
 
