@@ -38,7 +38,7 @@ RATE = 0.2
 KEEP = 1.0 - RATE
 WIDTH = 16
 SEEDS = 6
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+MESHES = [(8, 1, 1), (2, 2, 2)]
 
 
 def identity_params(boxed):
