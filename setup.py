@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorflow>=2.21",
         "tensorflow-text>=2.21",
         "tensorflow-datasets>=4.9",
+        "safetensors>=0.4",
         "sentencepiece>=0.2",
         "tensorboard>=2.16",
     ],

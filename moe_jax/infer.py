@@ -1,5 +1,9 @@
 """Inference: greedy predictions of a trained model, written as JSONL.
 
+Encoder-decoder models decode the targets of each input; decoder-only
+(prefix-LM) models continue each input as a prompt, and the prediction is
+the continuation alone.
+
 Inputs come from a SeqIO task's split, a JSONL file (field "inputs", other
 fields are copied to the output), or a text file (one input per line). Each
 output line is {"inputs": ..., "prediction": ..., [other fields]}.
@@ -72,8 +76,7 @@ def predict(fns: ModelFns, params: Any, vocabulary: seqio.Vocabulary,
                           input_length)
     padded = np.zeros((batch_size, input_length), np.int32)
     padded[:len(chunk)] = inputs
-    tokens = np.asarray(fns.predict_batch(
-        params, {"encoder_input_tokens": padded}))
+    tokens = np.asarray(fns.predict_batch(params, fns.prompt_batch(padded)))
     for record, row in zip(chunk, tokens):
       ids = row.tolist()
       if vocabulary.eos_id in ids:

@@ -8,8 +8,10 @@ import seqio
 
 from tasks import bbh
 from tasks import flan2022
+from tasks import heldout
 from tasks import mini_flan
 from tasks import mmlu
+from tasks import reasoning
 from tasks import vocab
 from tasks.lookup import get_mixture_or_task  # noqa: F401
 
@@ -28,6 +30,8 @@ def register_all() -> None:
   flan2022.register(features)
   mmlu.register(features)
   bbh.register(features)
+  reasoning.register(features)
+  heldout.register()
 
 
 register_all()

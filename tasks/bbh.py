@@ -6,7 +6,10 @@ description, a "-----" line, then three "Q: ... A: Let's think step by step.
 ... So the answer is X." exemplars). Direct prompts keep each exemplar's
 question and its final answer only. Registered `bbh_<task>_{direct,cot}`
 (split test) and mixtures `bbh_direct`, `bbh_cot`; metric: exact match after
-`metrics.extract_answer`.
+`metrics.extract_answer`. Rank classification (direct prompts):
+`bbh_<task>_direct_rank`, mixture `bbh_direct_rank`, over the task's
+options -- the "(A)".."(R)" lines of a multiple-choice input, or the label
+set of a two-way task; the free-form tasks (FREE_FORM_TASKS) have none.
 """
 
 import json
@@ -33,6 +36,16 @@ TASKS = (
     "tracking_shuffled_objects_seven_objects",
     "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting")
 MODES = ("direct", "cot")
+# Two-way tasks: the targets they use, as the release writes them.
+LABELS = {"boolean_expressions": ("True", "False"),
+          "causal_judgement": ("Yes", "No"),
+          "formal_fallacies": ("valid", "invalid"),
+          "navigate": ("Yes", "No"),
+          "sports_understanding": ("yes", "no"),
+          "web_of_lies": ("Yes", "No")}
+FREE_FORM_TASKS = ("dyck_languages", "multistep_arithmetic_two",
+                   "object_counting", "word_sorting")
+_OPTION_LINE = re.compile(r"^(\([A-R]\))", re.MULTILINE)
 COT_TRIGGER = "Let's think step by step."
 _EXEMPLAR_ANSWER = re.compile(r"A: Let's think step by step\..*?So the answer "
                               r"is (.*?)\.?(?=\n\nQ:|\s*$)", re.DOTALL)
@@ -67,7 +80,14 @@ def direct_prompt(cot_prompt: str) -> str:
   return _EXEMPLAR_ANSWER.sub(lambda m: f"A: {m.group(1)}", cot_prompt)
 
 
-def examples(task: str, mode: str) -> List[Dict[str, str]]:
+def options(task: str, question: str) -> List[str]:
+  """Candidate targets of one `task` question (empty for free-form tasks)."""
+  if task in LABELS:
+    return list(LABELS[task])
+  return _OPTION_LINE.findall(question)
+
+
+def examples(task: str, mode: str) -> List[Dict[str, object]]:
   cot = read_cot_prompt(data_dir.require_file(
       os.path.join("bbh", "cot-prompts", f"{task}.txt"),
       f"BBH chain-of-thought prompts for {task}"))
@@ -76,11 +96,14 @@ def examples(task: str, mode: str) -> List[Dict[str, str]]:
   rows = read_examples(data_dir.require_file(
       os.path.join("bbh", "bbh", f"{task}.json"), f"BBH examples for {task}"))
   return [{"inputs": f"{shots}\n\nQ: {r['input']}\nA:{answer}",
-           "targets": r["target"]} for r in rows]
+           "targets": r["target"], "options": options(task, r["input"])}
+          for r in rows]
 
 
 def register(features: Mapping[str, seqio.Feature]) -> None:
   suites.register_suite(
       "bbh", TASKS, {mode: mode for mode in MODES},
       lambda task, mode, split: examples(task, mode), splits=("test",),
-      metric_fns=[metrics.extracted_exact_match], features=features)
+      metric_fns=[metrics.extracted_exact_match], features=features,
+      rank_modes=["direct"],
+      rank_items=[t for t in TASKS if t not in FREE_FORM_TASKS])

@@ -5,7 +5,8 @@ ValueError naming the file and the 1-based line (or record) number.
 """
 
 import json
-from typing import Callable, Dict, Iterator, List, Sequence
+import os
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import seqio
 import tensorflow as tf
@@ -84,6 +85,7 @@ class FileDataSource(seqio.FunctionDataSource):
     self._split_files = dict(split_files)
     self._fields = tuple(fields)
     self._description = description
+    self._counts: Dict[Tuple[str, int], int] = {}
     super().__init__(self._dataset, splits=tuple(split_files))
 
   def examples(self, split: str) -> List[Example]:
@@ -100,4 +102,9 @@ class FileDataSource(seqio.FunctionDataSource):
          for k in self._fields})
 
   def num_input_examples(self, split: str) -> int:
-    return len(self.examples(split))
+    """Examples in the split's file, counted once per version of the file."""
+    path = data_dir.require_file(self._split_files[split], self._description)
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in self._counts:
+      self._counts[key] = len(self.examples(split))
+    return self._counts[key]

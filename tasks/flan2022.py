@@ -7,18 +7,24 @@ Registered names:
   flan2022                                the sub-mixtures at fixed weights
 Variants: zs_opt, zs_noopt, fs_opt, fs_noopt (cot, niv2, dialog: *_opt only).
 
-Rates are computed when a mixture is first used: inside a sub-mixture a task
-gets min(num_train_examples, cap[submix]); across sub-mixtures these are
-normalised and scaled by weight[submix]. Both are gin knobs of `mixing`.
+Mixing follows the FLAN collection (flan/v2/mixtures.py, run_example.py):
+every task of a sub-mixture's variant gets a rate proportional to
+min(its train examples, cap[submix]); the variants of a sub-mixture share it
+equally; `flan2022` weighs the sub-mixtures by weight[submix]. A JSONL export
+holds many tasks and is mixed by each example's `task_name`
+(`capped_source`): its rate is the sum of its tasks' capped sizes, and it
+draws each task in that proportion. Rates are computed when a mixture is
+first used; caps and weights are gin knobs of `mixing`.
 """
 
 import functools
-from typing import Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import gin
 import seqio
 import tensorflow as tf
 
+from tasks import capped_source
 from tasks import flan2022_sources as src
 from tasks import metrics
 from tasks import templates
@@ -58,17 +64,34 @@ class FewshotSource(seqio.experimental.FewshotDataSource):
 
 
 def capped_size(task: seqio.Task, submix: str) -> float:
-  """min(train examples of `task`, cap of `submix`)."""
+  """Examples of `task` one epoch of the mixture draws: min(train examples,
+  cap of `submix`), summed over the tasks of a by-task export."""
+  if isinstance(task.source, capped_source.CappedJsonlSource):
+    return float(task.num_input_examples(RATE_SPLIT))  # capped by task
   caps, _ = mixing()
   return float(min(task.num_input_examples(RATE_SPLIT), caps[submix]))
 
 
-def _weighted_rate(task: seqio.Task, submix: str,
-                   siblings: Tuple[str, ...]) -> float:
-  _, weights = mixing()
+def _rate(task: seqio.Task, submix: str, variants: Tuple[Tuple[str, ...], ...],
+          weight: Callable[[str], float]) -> float:
+  """weight(submix) / len(variants) * capped size of `task` / capped size of
+  its variant (the tuple of `variants` holding it)."""
+  siblings = next(v for v in variants if task.name in v)
   total = sum(capped_size(seqio.TaskRegistry.get(n), submix)
               for n in siblings)
-  return weights[submix] * capped_size(task, submix) / total
+  return weight(submix) / len(variants) * capped_size(task, submix) / total
+
+
+def _submix_weight(submix: str) -> float:
+  return mixing()[1][submix]
+
+
+def _rated(submix: str, variants: Tuple[Tuple[str, ...], ...],
+           weight: Callable[[str], float]) -> List[Tuple[str, Callable]]:
+  """(task name, rate function) for every task of `variants`."""
+  return [(name, functools.partial(_rate, submix=submix, variants=variants,
+                                   weight=weight))
+          for names in variants for name in names]
 
 
 def _to_text(ex, dataset: src.FlanDataset, with_options: bool):
@@ -89,7 +112,9 @@ def task_name(submix: str, dataset: str, variant: str) -> str:
   return f"flan2022_{submix}_{dataset}_{variant}"
 
 
-def _register_dataset(dataset: src.FlanDataset, features, post) -> List[str]:
+def _register_dataset(dataset: src.FlanDataset, features, post
+                      ) -> List[Tuple[str, str]]:
+  """Registers each variant of `dataset`; [(variant, task name)]."""
   names = []
   for variant in dataset.variants():
     render = functools.partial(
@@ -106,30 +131,39 @@ def _register_dataset(dataset: src.FlanDataset, features, post) -> List[str]:
     seqio.TaskRegistry.add(name, source=source, preprocessors=pre + post,
                            output_features=features,
                            metric_fns=[metrics.exact_match])
-    names.append(name)
+    names.append((variant, name))
   return names
+
+
+def _export_source(submix: str, variant: str) -> seqio.DataSource:
+  return capped_source.CappedJsonlSource(
+      src.export_file(submix, variant), src.EXPORT_FIELDS, "task_name",
+      cap=lambda: mixing()[0][submix],
+      description=f"FLAN 2022 export of {submix} ({variant}; JSONL with "
+      f"fields {', '.join(src.EXPORT_FIELDS)})")
 
 
 def register(features: Mapping[str, seqio.Feature]) -> None:
   """Registers every FLAN 2022 task and mixture (duplicates raise)."""
   post = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
           seqio.preprocessors.append_eos_after_trim]
-  by_submix: Dict[str, List[str]] = {s: [] for s in src.SUBMIXES}
+  by_variant: Dict[str, Dict[str, List[str]]] = {
+      s: {v: [] for v in src.SUBMIX_VARIANTS[s]} for s in src.SUBMIXES}
   for dataset in src.DATASETS:
-    by_submix[dataset.submix] += _register_dataset(dataset, features, post)
+    for variant, name in _register_dataset(dataset, features, post):
+      by_variant[dataset.submix][variant].append(name)
   for submix in src.EXPORT_SUBMIXES:
     for variant in src.SUBMIX_VARIANTS[submix]:
       name = task_name(submix, "export", variant)
       seqio.TaskRegistry.add(
-          name, source=src.export_source(submix, variant),
+          name, source=_export_source(submix, variant),
           preprocessors=post, output_features=features,
           metric_fns=[metrics.exact_match])
-      by_submix[submix].append(name)
-  for submix, names in by_submix.items():
-    seqio.MixtureRegistry.add(
-        f"flan2022_{submix}", names,
-        default_rate=functools.partial(capped_size, submix=submix))
-  seqio.MixtureRegistry.add("flan2022", [
-      (name, functools.partial(_weighted_rate, submix=submix,
-                               siblings=tuple(names)))
-      for submix, names in by_submix.items() for name in names])
+      by_variant[submix][variant].append(name)
+  entries = []
+  for submix, variants in by_variant.items():
+    groups = tuple(tuple(names) for names in variants.values() if names)
+    seqio.MixtureRegistry.add(f"flan2022_{submix}",
+                              _rated(submix, groups, lambda _: 1.0))
+    entries += _rated(submix, groups, _submix_weight)
+  seqio.MixtureRegistry.add("flan2022", entries)

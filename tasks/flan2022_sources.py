@@ -206,10 +206,3 @@ def export_file(submix: str, variant: str) -> str:
   """Path of a JSONL export (inputs, targets, task_name, template_type)."""
   return f"flan2022/{submix}_{variant}_train.jsonl"
 
-
-def export_source(submix: str, variant: str) -> seqio.DataSource:
-  return file_sources.FileDataSource(
-      {"train": export_file(submix, variant)}, EXPORT_FIELDS,
-      f"FLAN 2022 export of {submix} ({variant}; JSONL with fields "
-      f"{', '.join(EXPORT_FIELDS)})")
-

@@ -2,7 +2,7 @@
 answer extraction. Pure Python; scores are percentages."""
 
 import re
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -52,17 +52,6 @@ def letter_exact_match(targets: Sequence[str], predictions: Sequence[str]
   return {"letter_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
 
 
-def rank_classification(option_scores: Sequence[Sequence[float]],
-                        labels: Sequence[int]) -> Dict[str, float]:
-  """Accuracy of argmax over per-option log-likelihoods.
-
-  option_scores: [examples][options] log-likelihood of each option's text.
-  labels: index of the correct option per example.
-  """
-  hits = [int(np.argmax(s)) == y for s, y in zip(option_scores, labels)]
-  return {"rank_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
-
-
 def option_rank_accuracy(targets: Sequence[tuple[int, bool]],
                          scores: Sequence[float]) -> Dict[str, float]:
   """Rank classification from one scored row per (example, option).
@@ -77,3 +66,25 @@ def option_rank_accuracy(targets: Sequence[tuple[int, bool]],
       best[idx] = (score, bool(correct))
   hits = [correct for _, correct in best.values()]
   return {"rank_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> Optional[float]:
+  """The last number of a response's final answer (`extract_answer`), with
+  thousands separators dropped; None when it has no number."""
+  found = _NUMBER.findall(extract_answer(text))
+  return float(found[-1].replace(",", "")) if found else None
+
+
+def final_number_accuracy(targets: Sequence[str],
+                          predictions: Sequence[str]) -> Dict[str, float]:
+  """Percentage of predictions whose final number equals the target's
+  (GSM8K-style exact match on the final number; 1e-6 tolerance)."""
+  hits = []
+  for target, prediction in zip(targets, predictions):
+    want, got = final_number(target), final_number(prediction)
+    hits.append(want is not None and got is not None and
+                abs(want - got) <= 1e-6)
+  return {"number_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}

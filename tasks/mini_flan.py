@@ -22,6 +22,7 @@ import tensorflow as tf
 from tasks import metrics
 from tasks import mini_flan_generators as gen
 from tasks import objectives
+from tasks import suites
 
 DEFAULT_VOCABULARY = seqio.ByteVocabulary()
 NUM_SHOTS = 2
@@ -53,25 +54,11 @@ def _text_dataset(split: str, shuffle_files: bool, seed: Optional[int] = None,
 def _option_rows(split: str, shuffle_files: bool, seed: Optional[int] = None,
                  *, task: gen.GenTask, data_seed: int,
                  sizes: Mapping[str, int]) -> tf.data.Dataset:
-  """The zero-shot examples of an option task, one row per option, with the
-  example's index `idx` and whether the row's option `is_correct`."""
+  """The zero-shot examples of an option task, one row per option."""
   del shuffle_files, seed
-  rows = {"inputs": [], "targets": [], "idx": [], "is_correct": []}
-  examples = gen.generate_examples(task, split, data_seed, sizes[split])
-  for idx, example in enumerate(examples):
-    for option in example["options"]:
-      rows["inputs"].append(example["inputs"])
-      rows["targets"].append(option)
-      rows["idx"].append(idx)
-      rows["is_correct"].append(option == example["targets"])
-  return tf.data.Dataset.from_tensor_slices(rows)
-
-
-def _option_row_target(text, example=None, is_target=False):
-  """Targets of rank tasks become (example index, is correct) pairs."""
-  if is_target:
-    return int(example["idx"]), bool(example["is_correct"])
-  return text
+  return suites.option_rows(
+      gen.generate_examples(task, split, data_seed, sizes[split]),
+      rank_task_name(task))
 
 
 def rank_task_name(task: gen.GenTask) -> str:
@@ -119,7 +106,7 @@ def register(seed: int = DEFAULT_SEED,
                                 sizes=split_sizes), splits=gen.SPLITS),
           preprocessors=preprocessors,
           output_features=features,
-          postprocess_fn=_option_row_target,
+          postprocess_fn=suites.option_row_target,
           metric_fns=[metrics.option_rank_accuracy])
       option_evals += [instruction_task_names(task)["zs"],
                        rank_task_name(task)]

@@ -3,9 +3,11 @@
 Files under <data_dir>/mmlu: data/{dev,val,test}/<subject>_<split>.csv,
 headerless rows question,A,B,C,D,answer. Registered tasks
 `mmlu_<subject>_{0,5}shot` (splits validation = val, test = test; shots are
-the first 5 dev rows) and mixtures `mmlu_0shot`, `mmlu_5shot`. Targets are
-the answer letter; metrics: letter accuracy on generated text, and
-`metrics.rank_classification` over the scores of `rank_examples`.
+the first 5 dev rows) and mixtures `mmlu_0shot`, `mmlu_5shot`: the target is
+the answer letter, the metric letter accuracy on generated text. Rank
+classification: `mmlu_<subject>_{0,5}shot_rank` and mixtures
+`mmlu_{0,5}shot_rank` score the four letters after the same prompt
+(`rank_accuracy`).
 """
 
 import csv
@@ -80,18 +82,11 @@ def prompt(subject: str, q: Question, shots: List[Question]) -> str:
   return "\n\n".join(blocks + [format_question(q, False)])
 
 
-def rank_examples(subject: str, q: Question, shots: List[Question]
-                  ) -> List[Dict[str, str]]:
-  """One (prompt, letter) pair per option: score each, then
-  `metrics.rank_classification(scores, [LETTERS.index(answer)])`."""
-  inputs = prompt(subject, q, shots)
-  return [{"inputs": inputs, "targets": letter} for letter in LETTERS]
-
-
-def examples(subject: str, split: str, num_shots: int) -> List[Dict[str, str]]:
+def examples(subject: str, split: str, num_shots: int
+             ) -> List[Dict[str, object]]:
   shots = load(subject, "dev")[:num_shots] if num_shots else []
-  return [{"inputs": prompt(subject, q, shots), "targets": q["answer"]}
-          for q in load(subject, split)]
+  return [{"inputs": prompt(subject, q, shots), "targets": q["answer"],
+           "options": list(LETTERS)} for q in load(subject, split)]
 
 
 def register(features: Mapping[str, seqio.Feature]) -> None:
@@ -99,4 +94,4 @@ def register(features: Mapping[str, seqio.Feature]) -> None:
       "mmlu", SUBJECTS, {f"{shots}shot": shots for shots in SHOT_COUNTS},
       lambda subject, shots, split: examples(subject, split, shots),
       splits=("validation", "test"), metric_fns=[metrics.letter_exact_match],
-      features=features)
+      features=features, rank_modes=[f"{s}shot" for s in SHOT_COUNTS])

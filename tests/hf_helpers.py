@@ -1,4 +1,4 @@
-"""Hugging Face T5-family models as the interop tests compare against them.
+"""Hugging Face models as the interop tests compare against them.
 
 Importing this module skips the importing test module when torch or
 transformers is absent.
@@ -18,18 +18,21 @@ def eval_model(model_class, config):
   """Seeded `model_class(config)` in eval mode, ready for comparison.
 
   Norm scales are drawn in [0.5, 1.5], away from 1, so that a mis-mapped
-  scale shows. The stacks' input embeddings are copies of the shared one,
-  as in the released checkpoints (some transformers versions untie them when
-  building, and always when the LM head is untied); moe_jax shares one.
+  scale shows. In T5-family models the stacks' input embeddings are copies
+  of the shared one, as in the released checkpoints (some transformers
+  versions untie them when building, and always when the LM head is
+  untied); moe_jax shares one.
   """
   torch.manual_seed(0)
   model = model_class(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if "layer_norm" in name:
+      if "norm" in name:
         p.uniform_(0.5, 1.5)
-    for stack in (model.encoder, model.decoder):
-      stack.embed_tokens.weight.copy_(model.shared.weight)
+    for stack in (getattr(model, "encoder", None),
+                  getattr(model, "decoder", None)):
+      if stack is not None:
+        stack.embed_tokens.weight.copy_(model.shared.weight)
   return model
 
 
@@ -41,11 +44,11 @@ def hf_logits(model, enc: np.ndarray, dec_in: np.ndarray) -> np.ndarray:
                  ).logits.numpy()
 
 
-def our_logits(params, config, enc, dec_in, dec_tgt) -> jax.Array:
-  """The moe_jax model's logits <float32>[B, Ld, V] on the same tokens."""
+def our_logits(params, config, *tokens) -> jax.Array:
+  """The moe_jax model's logits <float32>[B, L, V] on the same tokens
+  (encoder inputs, decoder inputs, targets; decoder-only: inputs)."""
   return jax.jit(lambda p: build_model(config).apply(
-      {"params": p}, enc, dec_in, dec_tgt, enable_dropout=False).logits)(
-          params)
+      {"params": p}, *tokens, enable_dropout=False).logits)(params)
 
 
 def assert_same_state_dict(exported, model):

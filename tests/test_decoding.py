@@ -1,4 +1,6 @@
-"""Decoding algorithms against brute force, and with a real cached model."""
+"""Decoding algorithms against brute force on a toy cache, and the
+evaluator's encoder-decoder decoding (the real models' caches:
+tests/test_decoding_models.py)."""
 
 import itertools
 
@@ -7,10 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.models import (MoeConfig, TransformerConfig, build_model,
-                            decoding)
-from moe_jax.moe.layer import MoeLayer
-from moe_jax.moe.routers import TokenChoiceRouter
+from moe_jax.models import TransformerConfig, decoding
 
 VOCAB, EOS = 4, 1
 TABLE = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (3, VOCAB, VOCAB))
@@ -104,46 +103,6 @@ def test_sampling_follows_the_model_distribution():
       eos_id=EOS, top_k=2)
   allowed = set(np.argsort(-TABLE[0, 0])[:2].tolist())
   assert set(np.unique(np.asarray(top2)).tolist()) <= allowed
-
-
-def test_decoding_a_real_model_with_its_cache():
-  moe = MoeConfig(layer=MoeLayer(
-      router=TokenChoiceRouter(num_selected_experts=2), num_experts=4,
-      eval_capacity_factor=8.0, min_expert_capacity=1))
-  config = TransformerConfig(
-      vocab_size=20, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
-      num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,
-      decoder_moe=moe)
-  model = build_model(config)
-  inputs = np.array([[5, 6, 7, 1], [8, 9, 1, 0]], np.int32)
-  length = 6
-  dummy = np.zeros((2, length), np.int32)
-  variables = model.init(jax.random.PRNGKey(0), inputs, dummy, dummy,
-                         enable_dropout=False, decode=True)
-  params, cache = variables["params"], variables["cache"]
-  encoded, _ = model.apply({"params": params}, inputs, enable_dropout=False,
-                           method="encode")
-
-  def tokens_to_logits(ids, cache):
-    (logits, _), state = model.apply(
-        {"params": params, "cache": cache}, encoded, inputs, ids,
-        enable_dropout=False, decode=True, method="decode",
-        mutable=["cache"])
-    return logits[:, 0], state["cache"]
-
-  out = jax.jit(lambda c: decoding.greedy(tokens_to_logits, c, 2, length,
-                                          eos_id=1))(cache)
-  # Teacher-forcing the greedy output reproduces it as the argmax.
-  decoder_inputs = np.concatenate([np.zeros((2, 1), np.int32),
-                                   np.asarray(out)[:, :-1]], axis=1)
-  logits = model.apply({"params": params}, inputs, decoder_inputs,
-                       np.ones_like(decoder_inputs),
-                       enable_dropout=False).logits
-  argmax = np.asarray(jnp.argmax(logits, -1))
-  for b in range(2):
-    row = np.asarray(out[b])
-    end = (list(row).index(1) + 1) if 1 in row else length
-    np.testing.assert_array_equal(row[:end], argmax[b, :end])
 
 
 def test_evaluator_decoding_from_a_zero_filled_cache():

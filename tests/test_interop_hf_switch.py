@@ -68,6 +68,10 @@ def test_logits_equal_hf_and_round_trip(per_sequence):
 
 def test_dropped_tokens_match_hf_per_sequence():
   # 4 experts, 12 encoder tokens per sequence, 2 slots each: tokens drop.
+  if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("transformers < 5 passes a dropped token's input through "
+                "(times its router probability); moe_jax and transformers 5 "
+                "give it a zero expert output")
   model = hf_model(expert_capacity=2)
   config = hf_switch.config_from_hf(model.config, encoder_length=ENC_LEN,
                                     decoder_length=DEC_LEN)
@@ -82,11 +86,11 @@ def test_dropped_tokens_match_hf_per_sequence():
                          expected, atol=1e-3)
 
 
-def test_untied_every_layer_sparse():
+def test_untied_every_layer_sparse_other_epsilon():
   model = hf_model(tie_word_embeddings=False, num_sparse_encoder_layers=2,
-                   num_sparse_decoder_layers=2)
+                   num_sparse_decoder_layers=2, layer_norm_epsilon=1e-3)
   config = hf_switch.config_from_hf(model.config)
-  assert not config.logits_via_embedding
+  assert not config.logits_via_embedding and config.norm_epsilon == 1e-3
   assert config.encoder_moe.sparse_every == 1
   params = hf_switch.import_switch(model.state_dict(), config)
   enc, dec_in, dec_tgt = batch()
@@ -99,7 +103,6 @@ def test_untied_every_layer_sparse():
     (dict(router_bias=True), "router_bias"),
     (dict(dense_act_fn="gelu"), "dense_act_fn"),
     (dict(router_dtype="bfloat16"), "router_dtype"),
-    (dict(layer_norm_epsilon=1e-5), "layer_norm_epsilon"),
     (dict(num_layers=3, num_sparse_encoder_layers=1), "encoder_sparse_step"),
 ])
 def test_rejects_unsupported_configs(overrides, knob):

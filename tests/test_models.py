@@ -2,6 +2,7 @@
 
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -150,10 +151,13 @@ def test_cached_decoding_equals_full_pass_encoder_decoder(scan):
   np.testing.assert_allclose(stepped, full, atol=2e-5)
 
 
-@pytest.mark.parametrize("position_embedding", ["relative", "rope"])
-def test_cached_decoding_equals_full_pass_decoder_only(position_embedding):
+@pytest.mark.parametrize("position_embedding, kv_heads", [
+    ("relative", None), ("rope", None), ("rope", 1)])
+def test_cached_decoding_equals_full_pass_decoder_only(position_embedding,
+                                                      kv_heads):
   config = tiny(architecture="decoder_only", num_encoder_layers=0,
-                encoder_moe=None, position_embedding=position_embedding)
+                encoder_moe=None, position_embedding=position_embedding,
+                num_kv_heads=kv_heads)
   model = build_model(config)
   batch = random_batch(config, inputs=3, targets=5)
   params = init(model, batch)["params"]
@@ -231,7 +235,49 @@ def test_mixtral_style_variant_runs_forward_and_backward():
   assert "logits_dense" not in nn.unbox(params)["params"]["embedder"]
 
 
+def test_grouped_query_attention_equals_repeated_key_value_heads():
+  # K = 2 key/value heads for H = 4 query heads equals multi-head attention
+  # whose head h uses key/value head h // 2.
+  gqa = tiny(architecture="decoder_only", num_encoder_layers=0,
+             encoder_moe=None, num_heads=4, num_kv_heads=2,
+             position_embedding="rope", norm_epsilon=1e-5)
+  mha = tiny(architecture="decoder_only", num_encoder_layers=0,
+             encoder_moe=None, num_heads=4, num_kv_heads=4,
+             position_embedding="rope", norm_epsilon=1e-5)
+  batch = random_batch(gqa)
+  params = nn.unbox(init(build_model(gqa), batch)["params"])
+  mha_params = nn.unbox(init(build_model(mha), batch)["params"])
+  kernels = lambda p: {path: w for path, w in
+                       flax.traverse_util.flatten_dict(p).items()}
+  assert {k: w.shape for k, w in kernels(mha_params).items()} == {
+      k: w.shape for k, w in kernels(params).items()
+      if k[-2] not in ("key", "value")} | {
+          k: w.shape[:1] + (4,) + w.shape[2:] for k, w in
+          kernels(params).items() if k[-2] in ("key", "value")}
+  repeated = flax.traverse_util.unflatten_dict({
+      k: np.repeat(w, 2, axis=1) if k[-2] in ("key", "value") else w
+      for k, w in kernels(params).items()})
+  np.testing.assert_allclose(
+      forward(build_model(gqa), {"params": params}, batch).logits,
+      forward(build_model(mha), {"params": repeated}, batch).logits,
+      atol=1e-5)
+
+
+def test_default_kv_heads_keep_attention_shapes():
+  shapes = lambda config: jax.tree.map(lambda x: x.shape, nn.unbox(
+      jax.eval_shape(lambda: init(build_model(config), random_batch(config))
+                     )["params"]))
+  default = shapes(tiny())
+  assert default["decoder"]["block_0"]["layer_0"]["self_attention"]["key"][
+      "kernel"] == (16, 2, 8)
+  assert shapes(tiny(num_kv_heads=2)) == default   # K = H
+
+
 def test_bad_configs_fail_with_the_knob():
+  with pytest.raises(ValueError, match="num_kv_heads=3"):
+    tiny(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="norm_epsilon=0"):
+    tiny(norm_epsilon=0)
   with pytest.raises(ValueError, match="sparse_every=3"):
     tiny(encoder_moe=MoeConfig(layer=MoeLayer(router=TokenChoiceRouter()),
                                sparse_every=3))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from moe_jax.moe import metric_names
 from moe_jax.models import build_model
@@ -40,7 +41,7 @@ DEC_ONLY_CALL = [
     ("decoder_target_tokens", P, None), ("decoder_segment_ids", P, None),
     ("decoder_positions", P, None), ("decoder_causal_attention", P, None),
     ("enable_dropout", K, True), ("decode", K, False), ("prefill", K, False),
-    ("prefill_lengths", K, None)]
+    ("prefill_lengths", K, None), ("max_decode_length", K, None)]
 
 
 def signature(fn):
@@ -130,6 +131,35 @@ def test_moe_loss_terms_match_returned_stats():
   np.testing.assert_allclose(
       extra, 0.5 * jnp.mean(stats.auxiliary_loss)
       + 0.25 * jnp.mean(stats.router_z_loss), rtol=1e-6)
+
+
+def test_router_confidence_is_flaxformers():
+  """experts/router_confidence, under flaxformer's name, is flaxformer's
+  quantity: per sparse layer the summed combine weights over the dispatched
+  (token, expert) pairs, divided by their number; then the mean over
+  layers (as T5X's MoE models average the sown values)."""
+  config = tiny()
+  batch = random_batch(config)
+  model = build_model(config)
+  _, state = model.apply(
+      init(model, batch), **batch, enable_dropout=False,
+      mutable=[metric_names.INTERMEDIATES, metric_names.ROUTING])
+  _, metrics = t5x_losses.moe_loss_and_metrics(
+      state[metric_names.INTERMEDIATES], 0.0, 0.0)
+  routing = traverse_util.flatten_dict(dict(state[metric_names.ROUTING]))
+  per_layer, per_token = [], []
+  for path, (weights,) in routing.items():
+    if path[-1] == metric_names.COMBINE_WEIGHTS:
+      (dispatched,) = routing[path[:-1] + (metric_names.DISPATCH_MASK,)]
+      (real,) = routing[path[:-1] + (metric_names.TOKEN_MASK,)]
+      per_layer.append(np.sum(weights) / np.sum(dispatched))
+      per_token.append(np.sum(weights) / np.sum(real))
+  assert len(per_layer) == 2  # one sparse layer per stack
+  np.testing.assert_allclose(
+      metrics["experts/" + metric_names.ROUTER_CONFIDENCE],
+      np.mean(per_layer), rtol=1e-6)
+  # Top-2: a token's two weights sum to about twice a pair's mean weight.
+  assert np.mean(per_token) > 1.5 * np.mean(per_layer)
 
 
 def test_moe_loss_terms_are_zero_for_dense_model():

@@ -8,9 +8,12 @@ import seqio
 
 import tasks  # noqa: F401  # registers everything
 from tasks import bbh
+from moe_jax.train import eval_averages
 from tasks import data_dir
+from tasks import heldout
 from tasks import metrics
 from tasks import mmlu
+from tasks import reasoning
 
 LENGTHS = {"inputs": 512, "targets": 8}
 
@@ -73,12 +76,6 @@ def test_mmlu_metrics():
   assert metrics.letter_exact_match(
       ["C", "A", "B", "D"], [" C", "(A) because", "D", "Dog"]
   )["letter_accuracy"] == pytest.approx(50.0)
-  q = {"question": "q", "options": ["a", "b", "c", "d"], "answer": "B"}
-  pairs = mmlu.rank_examples("anatomy", q, [])
-  assert [p["targets"] for p in pairs] == list(mmlu.LETTERS)
-  scores = [[-3.0, -1.0, -2.0, -5.0], [-0.5, -0.1, -2.0, -0.2]]
-  assert metrics.rank_classification(scores, [1, 3])[
-      "rank_accuracy"] == pytest.approx(50.0)
 
 
 _COT_PROMPT = """Evaluate the expression.
@@ -151,3 +148,126 @@ def test_answer_extraction_and_bbh_metric():
   preds = ["Let's see. So the answer is False.", "True", "so the answer is 7."]
   assert metrics.extracted_exact_match(["False", "True", "8"], preds)[
       "exact_match"] == pytest.approx(200 / 3)
+
+
+def _seqio_eval(name, split, score=None, predict=None):
+  """seqio's evaluator on task `name` with score(row) / predict(row)."""
+  evaluator = seqio.Evaluator(
+      name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+      sequence_length=LENGTHS, use_memory_cache=False,
+      async_compute_metrics=False)
+  rows = list(seqio.get_mixture_or_task(name).get_dataset(
+      LENGTHS, split=split, shuffle=False, try_in_mem_cache=False)
+              .as_numpy_iterator())
+
+  def fn(of):
+    def run(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      return [(int(i), of(rows[int(i)])) for i, _ in dataset]
+    return run if of else None
+
+  vocab = seqio.get_mixture_or_task(name).output_features[
+      "targets"].vocabulary
+  def encoded(row):  # token ids padded to one length, as a model returns
+    ids = vocab.encode(predict(row)) + [vocab.eos_id]
+    return ids + [0] * (64 - len(ids))
+  future, _ = evaluator.evaluate(compute_metrics=True, step=0,
+                                 score_fn=fn(score),
+                                 predict_fn=fn(predict and encoded))
+  return future.result(), {name: rows}
+
+
+def test_mmlu_rank_task_scores_the_four_letters(mmlu_dir):
+  name = "mmlu_anatomy_5shot_rank"
+  result, rows = _seqio_eval(name, "validation",
+                             score=lambda r: float(r["is_correct"]))
+  assert result[name]["rank_accuracy"] == 100.0
+  rows = rows[name]
+  assert [r["targets_pretokenized"] for r in rows] == [
+      l.encode() for l in mmlu.LETTERS] * 2
+  assert rows[0]["inputs_pretokenized"].decode().endswith("Answer:")
+  # Always choosing "A" is right for the second question only.
+  always_a, _ = _seqio_eval(
+      name, "validation", score=lambda r: float(r["targets_pretokenized"]
+                                                == b"A"))
+  assert always_a[name]["rank_accuracy"] == pytest.approx(50.0)
+  assert len(seqio.get_mixture_or_task("mmlu_0shot_rank").tasks) == 57
+
+
+def test_mmlu_generation_metric_through_seqio(mmlu_dir):
+  name = "mmlu_anatomy_0shot"
+  result, _ = _seqio_eval(name, "validation", predict=lambda r: "C) rib")
+  assert result[name]["letter_accuracy"] == pytest.approx(50.0)
+
+
+def test_bbh_rank_options(bbh_dir):
+  name = "bbh_boolean_expressions_direct_rank"
+  result, rows = _seqio_eval(name, "test",
+                             score=lambda r: float(r["targets_pretokenized"]
+                                                   == b"True"))
+  assert [r["targets_pretokenized"] for r in rows[name]] == [
+      b"True", b"False"] * 2
+  assert result[name]["rank_accuracy"] == pytest.approx(50.0)
+  question = "Which?\nOptions:\n(A) red\n(B) blue\n(C) green"
+  assert bbh.options("hyperbaton", question) == ["(A)", "(B)", "(C)"]
+  ranked = {t.name for t in seqio.get_mixture_or_task(
+      "bbh_direct_rank").tasks}
+  assert len(ranked) == 27 - len(bbh.FREE_FORM_TASKS)
+  assert "bbh_word_sorting_direct_rank" not in ranked
+
+
+def test_rank_row_without_its_target_named(bbh_dir):
+  (bbh_dir / "bbh" / "bbh" / "boolean_expressions.json").write_text(
+      json.dumps({"examples": [{"input": "x", "target": "maybe"}]}))
+  task = seqio.get_mixture_or_task("bbh_boolean_expressions_direct_rank")
+  with pytest.raises(ValueError, match="bbh_boolean_expressions_direct_rank "
+                     r"\(test\): example 0 needs 'options'"):
+    list(task.get_dataset(None, split="test", shuffle=False,
+                          try_in_mem_cache=False).as_numpy_iterator())
+
+
+@pytest.fixture
+def reasoning_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv(data_dir.ENV_VAR, str(tmp_path))
+  (tmp_path / "reasoning").mkdir()
+  rows = [{"question": "Tom has 3 apples and buys 4. How many?",
+           "answer": "3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+          {"question": "What is 1,000 + 234?", "answer": "1,234"},
+          {"question": "Half of 5?", "answer": "2.5"}]
+  (tmp_path / "reasoning" / "gsm8k_test.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  return tmp_path
+
+
+def test_reasoning_task_and_final_number_metric(reasoning_dir):
+  name = "reasoning_gsm8k_cot"
+  answers = {b"7": "He has 3 + 4 = 7. So the answer is 7.",
+             b"1234": "The sum is 1,234.",
+             b"2.5": "So the answer is 3."}
+  result, rows = _seqio_eval(
+      name, "test", predict=lambda r: answers[r["targets_pretokenized"]])
+  assert [r["targets_pretokenized"] for r in rows[name]] == [
+      b"7", b"1234", b"2.5"]
+  assert rows[name][0]["inputs_pretokenized"].decode().endswith(
+      "How many?\nA: Let's think step by step.")
+  assert result[name]["number_accuracy"] == pytest.approx(200 / 3)
+  assert metrics.final_number("so the answer is -12.") == -12.0
+  assert metrics.final_number("no idea") is None
+  bad = reasoning_dir / "reasoning" / "svamp_test.jsonl"
+  bad.write_text('{"question": "q", "answer": "7"}\n{"question": "q", '
+                 '"answer": "seven"}\n')
+  with pytest.raises(ValueError, match="svamp_test.jsonl: example 2: the answer 'seven'"):
+    reasoning.examples("svamp", cot=False)
+
+
+def test_heldout_average_is_per_benchmark():
+  """FLAN-MoE's held-out mixture averages MMLU, BBH and reasoning once
+  each, not their 87 tasks."""
+  per_task = {}
+  for suite, value in zip(heldout.SUITES, (40.0, 30.0, 10.0)):
+    for task in seqio.get_mixture_or_task(suite).tasks:
+      per_task[task.name] = {"m": value}
+  out = eval_averages.averages(heldout.NAME, per_task)
+  assert out["mmlu_5shot/average"]["score"] == pytest.approx(40.0)
+  assert out[f"{heldout.NAME}/average"]["score"] == pytest.approx(80 / 3)
+  assert eval_averages.averages("mmlu_anatomy_5shot", per_task) == {}

@@ -118,15 +118,21 @@ def _fake_sizes(name):
 
 
 def _expected_rates(caps, weights):
-  """Independent: weight[s] * min(n, cap[s]) / sum over s of min(n, cap[s])."""
+  """Independent, as FLAN's mixtures.py + run_example.py: weight[s] /
+  (variants of s) * size / (sum of sizes of the same variant of s), where
+  size = min(n, cap[s]) (exports are capped inside, by task)."""
   per = {}
   for name in seqio.TaskRegistry.names():
     if name.startswith("flan2022_"):
       submix = next(s for s in src.SUBMIXES if name.startswith(
           f"flan2022_{s}_"))
-      per.setdefault(submix, {})[name] = min(_fake_sizes(name), caps[submix])
-  return {n: weights[s] * v / sum(d.values())
-          for s, d in per.items() for n, v in d.items()}
+      variant = "_".join(name.split("_")[-2:])
+      n = _fake_sizes(name)
+      per.setdefault(submix, {}).setdefault(variant, {})[name] = (
+          n if "_export_" in name else min(n, caps[submix]))
+  return {n: weights[s] / len(vs) * size / sum(d.values())
+          for s, vs in per.items() for d in vs.values()
+          for n, size in d.items()}
 
 
 @pytest.mark.parametrize("bindings", [
@@ -224,12 +230,18 @@ def test_real_flan_cot_files_when_present():
         os.path.join(data_dir.data_dir(), src.cot_file(name)),
         src.COT_FIELDS))
     assert rows and all(r["question"] and r["answer"] for r in rows), name
-  with open(path, encoding="utf-8") as f:
-    lines = sum(1 for line in f if line.strip())
+  sizes = {}
+  for name in src.COT_DATASETS:
+    with open(os.path.join(data_dir.data_dir(), src.cot_file(name)),
+              encoding="utf-8") as f:
+      sizes[name] = min(sum(1 for line in f if line.strip()),
+                        flan2022.DEFAULT_CAPS["cot"])
   mix = seqio.get_mixture_or_task("flan2022_cot")
-  for variant in src.SUBMIX_VARIANTS["cot"]:
+  variants = src.SUBMIX_VARIANTS["cot"]
+  for variant in variants:
     task = seqio.get_mixture_or_task(f"flan2022_cot_gsm8k_{variant}")
-    assert mix.get_rate(task) == min(lines, flan2022.DEFAULT_CAPS["cot"])
+    assert mix.get_rate(task) == pytest.approx(
+        sizes["gsm8k"] / sum(sizes.values()) / len(variants))
   batch = _packed_batch(seqio.get_mixture_or_task(
       "flan2022_cot_gsm8k_fs_opt"))
   assert batch["encoder_segment_ids"].max() >= 1
@@ -261,9 +273,12 @@ def test_cot_submixture_rates_from_files(local_data):
     gin.bind_parameter("tasks.flan2022.mixing.caps",
                        dict(flan2022.DEFAULT_CAPS, cot=10))
     mix = seqio.get_mixture_or_task("flan2022_cot")
+    sizes = [min(8 + i, 10) for i in range(len(src.COT_DATASETS))]
+    variants = len(src.SUBMIX_VARIANTS["cot"])
     for task in mix.tasks:
       i = src.COT_DATASETS.index(task.name.split("_")[2])
-      assert mix.get_rate(task) == min(8 + i, 10), task.name
+      assert mix.get_rate(task) == pytest.approx(
+          sizes[i] / sum(sizes) / variants), task.name
   finally:
     gin.clear_config()
 

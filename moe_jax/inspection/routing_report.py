@@ -40,7 +40,8 @@ class LayerReport:
     expert_load: <float>[E] tokens dispatched to each expert.
     fraction_tokens_left_behind: real tokens processed by no expert / real
       tokens (they pass on through the residual only).
-    router_confidence: mean over real tokens of their summed combine weights.
+    router_confidence: summed combine weights / dispatched (token, expert)
+      pairs (flaxformer's definition).
     expert_usage: dispatched tokens / total expert capacity (FLAN-MoE).
     auxiliary_loss, router_z_loss: the layer's unweighted routing losses.
     router_entropy: mean over real tokens of -sum_e p_e log p_e (nats) of

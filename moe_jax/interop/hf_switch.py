@@ -2,8 +2,8 @@
 
   config = config_from_hf(hf_model.config, encoder_length=512,
                           decoder_length=114)
-  params = import_switch(hf_model.state_dict(), config)   # or safetensors
-  state_dict = export_switch(params, config)              # numpy arrays
+  params = import_switch(hf_common.load_safetensors(model_dir), config)
+  hf_common.save_safetensors(export_switch(params, config), "out.safetensors")
 
 Embeddings, attention and norms map as in `moe_jax.interop.hf_common`. HF
 layer i of a stack is sparse when i % sparse_step == 1 (or sparse_step == 1);
@@ -84,6 +84,8 @@ def config_from_hf(hf_config: Any, *, encoder_length: Optional[int] = None,
       stack will see: capacity is then HF's, per sequence (drops included);
       None: that stack is dropless (see the module docstring).
   """
+  hf_common.check_model_type(hf_config, "switch_transformers",
+                             "moe_jax.interop.hf_switch")
   act = hf_config.dense_act_fn
   if act not in _ACTIVATIONS:
     raise ValueError(f"dense_act_fn must be one of {sorted(_ACTIVATIONS)}; "
@@ -94,7 +96,6 @@ def config_from_hf(hf_config: Any, *, encoder_length: Optional[int] = None,
   if hf_config.router_dtype != "float32":
     raise ValueError("router_dtype must be 'float32' (moe_jax routes in "
                      f"float32); got {hf_config.router_dtype!r}")
-  hf_common.check_layer_norm_epsilon(hf_config)
   encoder_layers = hf_config.num_layers
   decoder_layers = hf_config.num_decoder_layers
   return TransformerConfig(
@@ -102,6 +103,7 @@ def config_from_hf(hf_config: Any, *, encoder_length: Optional[int] = None,
       num_heads=hf_config.num_heads, head_dim=hf_config.d_kv,
       mlp_dim=hf_config.d_ff, num_encoder_layers=encoder_layers,
       num_decoder_layers=decoder_layers, activation=_ACTIVATIONS[act],
+      norm_epsilon=hf_config.layer_norm_epsilon,
       logits_via_embedding=bool(hf_config.tie_word_embeddings),
       relative_attention_num_buckets=(
           hf_config.relative_attention_num_buckets),
@@ -147,15 +149,22 @@ def _pairs(config: TransformerConfig) -> Iterator[hf_common.Pair]:
   return hf_common.pairs(config, ffn)
 
 
-def import_switch(state_dict: Mapping[str, Any],
-                  config: TransformerConfig) -> dict[str, Any]:
+def import_switch(state_dict: Mapping[str, Any], config: TransformerConfig, *,
+                  allow_non_finite: bool = False) -> dict[str, Any]:
   """moe_jax `params` from a HF SwitchTransformers state dict (torch tensors
-  or numpy arrays). Expert weights stack to <[E, D, F]> / <[E, F, D]>."""
-  return hf_common.import_params(state_dict, _pairs(config), config)
+  or numpy arrays). Expert weights stack to <[E, D, F]> / <[E, F, D]>.
+
+  Raises KeyError / ValueError naming the key for missing, left-over,
+  mis-shaped or (unless `allow_non_finite`) non-finite weights.
+  """
+  return hf_common.import_params(state_dict, _pairs(config), config,
+                                 copies=hf_common.t5_copies(config),
+                                 allow_non_finite=allow_non_finite)
 
 
 def export_switch(params: Mapping[str, Any],
                   config: TransformerConfig) -> dict[str, np.ndarray]:
   """HF SwitchTransformers state dict (numpy float32) from moe_jax
   `params`."""
-  return hf_common.export_params(params, _pairs(config), config)
+  return hf_common.export_params(params, _pairs(config),
+                                 hf_common.t5_copies(config))

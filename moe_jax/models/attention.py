@@ -1,8 +1,9 @@
-"""Multi-head attention with T5 relative position bias or rotary embeddings,
-and a key/value cache for step-by-step decoding.
+"""Multi-head or grouped-query attention with T5 relative position bias or
+rotary embeddings, and a key/value cache for step-by-step decoding.
 
 Dimension names (moe_jax's glossary): B batch, L length, Lq query length,
-Lk key length, H heads, Dh head width, D model width.
+Lk key length, H heads, K key/value heads, G = H / K query heads per
+key/value head, Dh head width, D model width.
 """
 
 from __future__ import annotations
@@ -125,22 +126,28 @@ def apply_rope(x: Array, positions: Array, max_wavelength: float) -> Array:
 class MultiHeadAttention(nn.Module):
   """Attention without biases (T5). Scores are scaled by 1 / sqrt(Dh).
 
+  With K < H key/value heads (grouped-query attention, Mixtral), query head
+  h reads key/value head h // G; the key and value kernels are <[D, K, Dh]>
+  and the cache holds K heads. K = H is plain multi-head attention.
+
   Attributes:
     num_heads: H.
     head_dim: Dh.
+    num_kv_heads: K (divides H).
     dropout_rate: dropout on the attention probabilities.
     rope_max_wavelength: rotary embeddings on q and k when set.
     dtype: activation dtype.
   """
   num_heads: int
   head_dim: int
+  num_kv_heads: int
   dropout_rate: float = 0.0
   rope_max_wavelength: Optional[float] = None
   dtype: jnp.dtype = jnp.float32
 
-  def _project(self, name: str, x: Array) -> Array:
-    return Projection((self.num_heads, self.head_dim), 1,
-                      ("embed", "heads", "kv"), self.dtype, name=name)(x)
+  def _project(self, name: str, x: Array, heads: int) -> Array:
+    return Projection((heads, self.head_dim), 1, ("embed", "heads", "kv"),
+                      self.dtype, name=name)(x)
 
   @nn.compact
   def __call__(self, queries: Array, memory: Array, bias: Array, *,
@@ -159,26 +166,33 @@ class MultiHeadAttention(nn.Module):
         'cache' collection at that slot and attention runs over the whole
         cache.
     """
-    q = self._project("query", queries)
-    k = self._project("key", memory)
-    v = self._project("value", memory)
+    q = self._project("query", queries, self.num_heads)
+    k = self._project("key", memory, self.num_kv_heads)
+    v = self._project("value", memory, self.num_kv_heads)
     if self.rope_max_wavelength is not None:
       q = apply_rope(q, positions, self.rope_max_wavelength)
       k = apply_rope(k, memory_positions, self.rope_max_wavelength)
     if decode_index is not None:
       k, v = self._update_cache(k, v, decode_index)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+    batch, length = q.shape[:2]
+    groups = self.num_heads // self.num_kv_heads
+    grouped = q.reshape(batch, length, self.num_kv_heads, groups, -1)
+    scores = jnp.einsum("bqngd,bknd->bngqk", grouped, k,
                         preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, self.num_heads, length, -1)
     scores = scores / math.sqrt(self.head_dim) + bias
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    probs = probs.astype(self.dtype).reshape(
+        batch, self.num_kv_heads, groups, length, -1)
+    out = jnp.einsum("bngqk,bknd->bqngd", probs, v).reshape(
+        batch, length, self.num_heads, -1)
     return Projection((queries.shape[-1],), 2, ("heads", "kv", "embed"),
                       self.dtype, name="out")(out)
 
   def _update_cache(self, k: Array, v: Array, index: Array):
-    """Writes one step's k, v <[B, 1, H, Dh]> at slot `index` <int32>[B].
+    """Writes one step's k, v <[B, 1, K, Dh]> at slot `index` <int32>[B].
 
     The cache (length = the input length) is created the first time the
     module runs in decode mode; a full-length call (cache creation, prefill)

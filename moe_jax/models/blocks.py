@@ -37,7 +37,7 @@ _REMAT_POLICIES = {
 
 class RMSNorm(nn.Module):
   """T5 layer norm: scale only, no mean subtraction, no bias."""
-  epsilon: float = 1e-6
+  epsilon: float
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -115,23 +115,23 @@ class TransformerLayer(nn.Module):
     rope = (cfg.rope_max_wavelength if PositionEmbedding(
         cfg.position_embedding) == PositionEmbedding.ROPE else None)
 
-    h = RMSNorm(dtype=dtype, name="pre_self_attention_norm")(x)
+    h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_self_attention_norm")(x)
     h = MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, cfg.dropout_rate, rope, dtype,
-        name="self_attention")(
+        cfg.num_heads, cfg.head_dim, cfg.kv_heads, cfg.dropout_rate, rope,
+        dtype, name="self_attention")(
             h, h, ctx.self_bias, deterministic=deterministic,
             positions=ctx.positions, memory_positions=ctx.positions,
             decode_index=ctx.decode_index)
     x = residual(x, h)
     if ctx.encoded is not None:
-      h = RMSNorm(dtype=dtype, name="pre_cross_attention_norm")(x)
+      h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_cross_attention_norm")(x)
       h = MultiHeadAttention(
-          cfg.num_heads, cfg.head_dim, cfg.dropout_rate, None, dtype,
-          name="encoder_decoder_attention")(
+          cfg.num_heads, cfg.head_dim, cfg.kv_heads, cfg.dropout_rate, None,
+          dtype, name="encoder_decoder_attention")(
               h, ctx.encoded, ctx.cross_bias, deterministic=deterministic)
       x = residual(x, h)
 
-    h = RMSNorm(dtype=dtype, name="pre_mlp_norm")(x)
+    h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_mlp_norm")(x)
     stats = None
     moe = cfg.moe(self.stack)
     if self.sparse:
@@ -140,7 +140,7 @@ class TransformerLayer(nn.Module):
           token_ids=ctx.token_ids)
       x = residual(x, h)
       if moe.extra_dense_ffn:
-        h = RMSNorm(dtype=dtype, name="pre_extra_mlp_norm")(x)
+        h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_extra_mlp_norm")(x)
         h = DenseFFN(cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype,
                      name="extra_mlp")(h, deterministic=deterministic)
         x = residual(x, h)
@@ -259,8 +259,10 @@ class Stack(nn.Module):
     num_blocks = cfg.num_layers(self.stack) // cfg.block_size(self.stack)
     block = _block_class(cfg)
     if cfg.scan_layers:
+      # The cache's layer axis is axis 1, so every cache entry stays batch
+      # first (decoding repeats and reorders rows on axis 0 of each leaf).
       scanned = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+          block, variable_axes={"params": 0, "cache": 1, "intermediates": 0,
                                 metric_names.ROUTING: 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,
@@ -275,7 +277,7 @@ class Stack(nn.Module):
         per_block.append(block_stats)
       stats = (None if per_block[0] is None else
                jax.tree.map(lambda *a: jnp.stack(a), *per_block))
-    x = RMSNorm(dtype=cfg.activation_dtype, name="final_norm")(x)
+    x = RMSNorm(cfg.norm_epsilon, cfg.activation_dtype, name="final_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         x, deterministic=deterministic)
     return x, stats

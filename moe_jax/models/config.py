@@ -69,8 +69,12 @@ class TransformerConfig:
   Attributes:
     vocab_size: V (token 0 is padding).
     emb_dim: D.
-    num_heads: attention heads H.
+    num_heads: attention heads H (query heads).
     head_dim: width of each head.
+    num_kv_heads: key/value heads K (grouped-query attention: each shares
+      H / K query heads); None: K = H (multi-head attention).
+    norm_epsilon: added to the mean square in every RMSNorm (T5: 1e-6,
+      Mixtral: 1e-5).
     mlp_dim: dense FFN hidden width.
     num_encoder_layers: 0 for decoder-only models.
     num_decoder_layers: decoder layers.
@@ -95,6 +99,8 @@ class TransformerConfig:
   mlp_dim: int
   num_decoder_layers: int
   num_encoder_layers: int = 0
+  num_kv_heads: Optional[int] = None
+  norm_epsilon: float = 1e-6
   architecture: Architecture = Architecture.ENCODER_DECODER
   dropout_rate: float = 0.0
   activation: Activation = Activation.GATED_GELU
@@ -119,6 +125,14 @@ class TransformerConfig:
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
                          f"{getattr(self, knob)}")
+    if self.num_kv_heads is not None and not (
+        1 <= self.num_kv_heads <= self.num_heads and
+        self.num_heads % self.num_kv_heads == 0):
+      raise ValueError(f"num_kv_heads must divide num_heads={self.num_heads}; "
+                       f"got num_kv_heads={self.num_kv_heads}")
+    if not self.norm_epsilon > 0:
+      raise ValueError(f"norm_epsilon must be > 0; got norm_epsilon="
+                       f"{self.norm_epsilon}")
     if arch == Architecture.ENCODER_DECODER and self.num_encoder_layers < 1:
       raise ValueError("an encoder_decoder needs num_encoder_layers >= 1; got "
                        f"num_encoder_layers={self.num_encoder_layers}")
@@ -149,6 +163,11 @@ class TransformerConfig:
         self.moe_layer(stack)
       except ValueError as err:
         raise ValueError(f"{stack}_moe.layer: {err}") from None
+
+  @property
+  def kv_heads(self) -> int:
+    """K: key/value heads."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def activation_dtype(self):

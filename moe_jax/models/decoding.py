@@ -8,8 +8,9 @@ Model-agnostic and jittable. A model enters through
 which runs one cached step (e.g. a `decode=True` call of the models here) on
 B rows, or B * W in beam search; the cache is any pytree whose leaves have
 a leading [rows] axis, or scalars.
-Decoding starts from `start_id` (T5: 0) and stops at `eos_id`; positions after
-EOS hold `pad_id`.
+Decoding starts from `start_id` (T5: 0; or one token per row, e.g. the last
+token of each row's prompt) and stops at `eos_id`; positions after EOS hold
+`pad_id`.
 
 Dimension names (moe_jax's glossary): B batch, W beams, V vocabulary, Ld
 decoded length (`max_length`).
@@ -27,12 +28,18 @@ Cache = Any
 TokensToLogits = Callable[[Array, Cache], tuple[Array, Cache]]
 
 NEG_INF = -1.0e9
+StartIds = int | Array  # one id for every row, or <int32>[B]
+
+
+def _start_tokens(start_id: StartIds, batch: int) -> Array:
+  """<int32>[B] first input token of each row."""
+  return jnp.broadcast_to(jnp.asarray(start_id, jnp.int32), (batch,))
 
 
 def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache,
                        batch: int, max_length: int, rng: Array, *,
                        temperature: float = 1.0, top_k: int = 0,
-                       eos_id: int = 1, start_id: int = 0,
+                       eos_id: int = 1, start_id: StartIds = 0,
                        pad_id: int = 0) -> Array:
   """Samples <int32>[B, Ld] tokens.
 
@@ -63,7 +70,7 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache,
     t, _, _, done, _, _ = state
     return (t < max_length) & ~jnp.all(done)
 
-  init = (0, jnp.full((batch,), start_id, jnp.int32),
+  init = (0, _start_tokens(start_id, batch),
           jnp.full((batch, max_length), pad_id, jnp.int32),
           jnp.zeros((batch,), bool), cache, rng)
   return jax.lax.while_loop(not_finished, step, init)[2]
@@ -96,7 +103,7 @@ def _gather_beams(cache: Cache, rows: Array) -> Cache:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch: int,
                 max_length: int, beam_size: int, *, alpha: float = 0.6,
-                eos_id: int = 1, start_id: int = 0, pad_id: int = 0
+                eos_id: int = 1, start_id: StartIds = 0, pad_id: int = 0
                 ) -> tuple[Array, Array]:
   """Beam search with length normalization.
 
@@ -113,11 +120,12 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch: int,
     <float32>[B, W].
   """
   k = beam_size
+  start = _start_tokens(start_id, batch)[:, None]  # [B, 1]
   flat = lambda x: x.reshape((batch * k,) + x.shape[2:])
 
   def step(state):
     t, seqs, logprob, fin_seqs, fin_scores, cache = state
-    last = jnp.where(t == 0, start_id, seqs[:, :, jnp.maximum(t - 1, 0)])
+    last = jnp.where(t == 0, start, seqs[:, :, jnp.maximum(t - 1, 0)])
     logits, cache = tokens_to_logits(flat(last)[:, None], cache)
     vocab = logits.shape[-1]
     scores = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(

@@ -50,12 +50,16 @@ class MoeStats:
     router_z_loss: scalar router z-loss (unweighted).
     fraction_tokens_left_behind: real tokens processed by no expert / real
       tokens. These tokens pass through the residual only.
-    router_confidence: mean over real tokens of the sum of their combine
-      weights.
+    router_confidence: summed combine weights / dispatched (token, expert)
+      pairs: the mean combine weight of a dispatched pair (flaxformer's
+      definition, the name T5X's MoE models report).
     expert_usage: dispatched (token, expert) pairs / total expert capacity
       (G * E * C), FLAN-MoE's definition; on the dropless path C is the
       capacity the capacity factor would give.
     expert_load: <float32>[E] dispatched tokens per expert.
+    router_entropy: mean over real tokens of the entropy (nats) of their
+      router probabilities over the E experts: log E for a uniform router,
+      0 for one that is certain.
   """
   auxiliary_loss: Array
   router_z_loss: Array
@@ -63,6 +67,7 @@ class MoeStats:
   router_confidence: Array
   expert_usage: Array
   expert_load: Array
+  router_entropy: Array
 
 
 class MoeLayer(nn.Module):
@@ -295,8 +300,10 @@ class MoeLayer(nn.Module):
       gate_sum = decision.total_gate(group_size)
     real = jnp.maximum(jnp.sum(token_mask), 1.0)
     left_behind = jnp.sum((per_token == 0) * token_mask) / real
-    confidence = jnp.sum(gate_sum * token_mask) / real
+    entropy = jnp.sum(jax.scipy.special.entr(routed.router_probs), axis=-1)
     load = decision.expert_load(self.num_experts)
+    confidence = (jnp.sum(gate_sum * token_mask) /
+                  jnp.maximum(jnp.sum(load), 1.0))
     total_capacity = token_mask.shape[0] * self.num_experts * capacity
     return MoeStats(
         auxiliary_loss=routed.auxiliary_loss,
@@ -304,4 +311,5 @@ class MoeLayer(nn.Module):
         fraction_tokens_left_behind=left_behind,
         router_confidence=confidence,
         expert_usage=jnp.sum(load) / total_capacity,
-        expert_load=load)
+        expert_load=load,
+        router_entropy=jnp.sum(entropy * token_mask) / real)

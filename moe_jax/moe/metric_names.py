@@ -13,6 +13,7 @@ FRACTION_TOKENS_LEFT_BEHIND = "fraction_tokens_left_behind"
 ROUTER_CONFIDENCE = "router_confidence"
 EXPERT_USAGE = "expert_usage"
 EXPERT_LOAD = "expert_load"
+ROUTER_ENTROPY = "router_entropy"
 
 SCALAR_METRICS = (
     AUXILIARY_LOSS,
@@ -21,7 +22,10 @@ SCALAR_METRICS = (
     ROUTER_CONFIDENCE,
     EXPERT_USAGE,
 )
-ALL = SCALAR_METRICS + (EXPERT_LOAD,)
+# Per-layer scalars beyond the five T5X reads (`experts/<name>` stays those
+# five); moe_jax's trainer logs them beside SCALAR_METRICS.
+EXTRA_SCALAR_METRICS = (ROUTER_ENTROPY,)
+ALL = SCALAR_METRICS + EXTRA_SCALAR_METRICS + (EXPERT_LOAD,)
 
 # Opt-in per-token routing capture. An MoE layer sows these only when the
 # caller makes the ROUTING collection mutable (inspection); training and T5X

@@ -16,6 +16,7 @@ encoder length, Ld decoder length, D model width, V vocabulary.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -39,6 +40,22 @@ def _without_stats(method: Callable, pick: Callable = operator.itemgetter(0)
   return adapted
 
 
+def _ignoring(method: Callable, name: str) -> Callable:
+  """`method` that also takes keyword `name` (default None) and drops it;
+  its signature shows the extra parameter."""
+
+  @functools.wraps(method)
+  def adapted(self, *args, **kwargs):
+    kwargs.pop(name, None)
+    return method(self, *args, **kwargs)
+
+  signature = inspect.signature(method)
+  adapted.__signature__ = signature.replace(parameters=[
+      *signature.parameters.values(),
+      inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)])
+  return adapted
+
+
 class T5XEncoderDecoder(EncoderDecoder):
   """`EncoderDecoder` whose `encode` returns encoded <[B, Le, D]>, and whose
   `decode` and `__call__` return logits <float32>[B, Ld, V]."""
@@ -48,5 +65,8 @@ class T5XEncoderDecoder(EncoderDecoder):
 
 
 class T5XDecoderOnly(DecoderOnly):
-  """`DecoderOnly` whose `__call__` returns logits <float32>[B, L, V]."""
-  __call__ = _without_stats(DecoderOnly.__call__, _logits)
+  """`DecoderOnly` whose `__call__` returns logits <float32>[B, L, V]. It
+  also takes the `max_decode_length` T5X's sampling passes, unused: the
+  cache made at init fixes the decode length (as `EncoderDecoder.decode`)."""
+  __call__ = _without_stats(
+      _ignoring(DecoderOnly.__call__, "max_decode_length"), _logits)

@@ -3,10 +3,11 @@ classification score function over any moe_jax model.
 
 Dimension names: B eval batch, Li input length, Lt target length, V vocab.
 
-* `predict_fn`: cached greedy decoding of encoder-decoder models, returning
-  token ids. Decoder-only models have none: decoding that continues a
-  prompt (filling the cache with the inputs, then generating the targets) is
-  not implemented, so they get score-based metrics only.
+* `predict_fn`: cached greedy decoding, returning the target token ids:
+  after the encoder (encoder-decoder), or continuing the inputs as a
+  prompt (decoder-only prefix-LM; `moe_jax.models.generation`). A
+  decoder-only LM objective has no prompt, so score-based metrics only
+  (`moe_jax.train.eval_checks` says so before training).
 * `score_fn`: the log-likelihood of each example's targets (sum over
   target tokens), which SeqIO's score metrics (rank classification) use.
 
@@ -30,7 +31,8 @@ import seqio
 import tensorflow as tf
 
 from moe_jax.models import Architecture, TransformerConfig, build_model
-from moe_jax.models import decoding
+from moe_jax.models import decoding, generation
+from moe_jax.train import eval_averages, eval_checks
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
 from moe_jax.train.step import model_inputs
@@ -86,6 +88,7 @@ class ModelFns:
     if self.decoder_only == (Objective(objective) == Objective.ENC_DEC):
       raise ValueError(f"objective={Objective(objective).value} does not fit "
                        f"a {Architecture(config.architecture).value} model")
+    self.objective = Objective(objective)
     self.max_decode_length = max_decode_length
     self.eos_id = eos_id
     self.score_batch = jax.jit(self._score)
@@ -101,30 +104,31 @@ class ModelFns:
     return jnp.sum(on_target * batch["decoder_loss_weights"], axis=-1)
 
   def _predict(self, params, batch: Batch) -> Array:
-    """<int32>[B, Lt] greedy tokens for batch['encoder_input_tokens']."""
+    """<int32>[B, Lt] greedy target tokens of each row: after encoding
+    batch['encoder_input_tokens'] (encoder-decoder), or continuing the
+    prompt of batch['decoder_input_tokens'] where
+    batch['decoder_causal_attention'] is 1 (decoder-only, prefix-LM)."""
+    eval_checks.check_predict(self.objective)
     if self.decoder_only:
-      raise NotImplementedError(
-          "decoding-based metrics need an encoder-decoder model here; "
-          "evaluate decoder-only models with score-based metrics")
-    inputs = batch["encoder_input_tokens"]
-    size, length = inputs.shape[0], self.max_decode_length
-    dummy = jnp.zeros((size, length), jnp.int32)
-    cache = jax.eval_shape(
-        lambda: self.model.init(jax.random.PRNGKey(0), inputs, dummy, dummy,
-                                enable_dropout=False, decode=True))["cache"]
-    cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)
-    encoded, _ = self.model.apply({"params": params}, inputs,
-                                  enable_dropout=False, method="encode")
+      start = generation.decoder_only(self.model, params,
+                                      batch["decoder_input_tokens"],
+                                      batch["decoder_causal_attention"])
+    else:
+      start = generation.encoder_decoder(self.model, params,
+                                         batch["encoder_input_tokens"],
+                                         self.max_decode_length)
+    return start.run(decoding.greedy, self.max_decode_length,
+                     eos_id=self.eos_id)
 
-    def tokens_to_logits(ids, cache):
-      (logits, _), state = self.model.apply(
-          {"params": params, "cache": cache}, encoded, inputs, ids,
-          enable_dropout=False, decode=True, method="decode",
-          mutable=["cache"])
-      return logits[:, 0], state["cache"]
-
-    return decoding.greedy(tokens_to_logits, cache, size, length,
-                           eos_id=self.eos_id)
+  def prompt_batch(self, inputs: np.ndarray) -> Batch:
+    """The features `predict_batch` reads, from <int32>[B, Li] input ids
+    (as the objective's feature converter lays them out)."""
+    if not self.decoder_only:
+      return {"encoder_input_tokens": inputs}
+    tokens, causal = generation.prefix_lm_prompt(inputs,
+                                                 self.max_decode_length)
+    return {"decoder_input_tokens": tokens,
+            "decoder_causal_attention": causal}
 
   def predict_fn(self, params, batch_size: int
                  ) -> Callable[..., list[tuple[int, list[int]]]]:
@@ -157,6 +161,8 @@ class Evaluator:
     if config.mixture_or_task_name is None:
       raise ValueError("EvalConfig.mixture_or_task_name is not set: name the "
                        "task or mixture to evaluate")
+    eval_checks.check_eval_tasks(config.mixture_or_task_name, config.split,
+                                 objective)
     self.config = config
     self.fns = ModelFns(model_config, objective,
                         config.task_feature_lengths["targets"])
@@ -170,7 +176,8 @@ class Evaluator:
     self.model_dir = Path(model_dir) if model_dir else None
 
   def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}}, also written to the model directory."""
+    """{task: {metric: value}} and {"<mixture>/average": {metric: value}}
+    (`eval_averages`), also written to the model directory."""
     size = self.config.batch_size
     future, _ = self._seqio.evaluate(
         compute_metrics=True, step=step,
@@ -179,6 +186,8 @@ class Evaluator:
     metrics = {task: {name: float(getattr(value, "value", value))
                       for name, value in task_metrics.items()}
                for task, task_metrics in future.result().items()}
+    metrics.update(eval_averages.averages(self.config.mixture_or_task_name,
+                                          metrics))
     if self.model_dir is not None and jax.process_index() == 0:
       self._write(metrics, step)
     return metrics

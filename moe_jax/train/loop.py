@@ -39,7 +39,8 @@ class NonFiniteLossError(FloatingPointError):
 class LoopResult:
   """Attributes:
     state: the state after the last step run.
-    history: per step run here, {"step": step, metric: float, ...}.
+    history: per step run here, {"step": step, metric: float (or a list
+      of floats: per-expert loads), ...}.
     resumed_from: the checkpoint step the run resumed from (None: fresh).
     preempted: a signal stopped the run before `num_steps`.
   """
@@ -66,9 +67,10 @@ def _stop_requests() -> Iterator[threading.Event]:
       signal.signal(s, old)
 
 
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-  """Metrics as floats; a per-layer vector `name/per_layer` becomes
-  `name/layer_<i>`. Reads this process's copy of replicated values, so it
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
+  """Metrics as floats; a per-layer value `name/per_layer` becomes
+  `name/layer_<i>` (a list of floats per layer for <[R, E]> values, e.g. the
+  per-expert load). Reads this process's copy of replicated values, so it
   works in multi-process jobs too."""
   out = {}
   for name, value in metrics.items():
@@ -79,7 +81,8 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
       out[name] = float(value)
     else:
       base = name.removesuffix("/per_layer")
-      out.update({f"{base}/layer_{i}": float(v) for i, v in enumerate(value)})
+      out.update({f"{base}/layer_{i}": v.tolist() if v.ndim else float(v)
+                  for i, v in enumerate(value)})
   return out
 
 

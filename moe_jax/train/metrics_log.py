@@ -3,17 +3,24 @@ TensorBoard event files.
 
 Only process 0 writes (every process computes the same replicated metrics).
 TensorBoard is written with `tf.summary`, imported when the logger is made.
+Routing health (`moe_jax.train.routing_monitor`) joins every record: load
+statistics per sparse layer, a TensorBoard histogram of each layer's
+per-expert load (one bucket per expert), a `routing:` console line, and
+warnings printed at once and stored under `routing_warnings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Mapping, Optional
 
 import jax
+import numpy as np
 
+from moe_jax.train import routing_monitor
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -53,11 +60,14 @@ class MetricsLogger:
       counting only active experts, for MFU; None: no MFU.
     log_every: steps between console lines.
     peak_tflops_per_device: overrides `PEAK_TFLOPS`.
+    monitor: thresholds of the routing warnings.
   """
 
   def __init__(self, model_dir: str, total_steps: int, tokens_per_step: int,
                flops_per_step: Optional[float], log_every: int = 10,
-               peak_tflops_per_device: Optional[float] = None):
+               peak_tflops_per_device: Optional[float] = None,
+               monitor: routing_monitor.MonitorConfig = (
+                   routing_monitor.MonitorConfig())):
     self._writes = jax.process_index() == 0
     self._total_steps = total_steps
     self._tokens_per_step = tokens_per_step
@@ -69,6 +79,7 @@ class MetricsLogger:
     self._last_time = None
     self._last_step = None
     self._jsonl = self._summary = None
+    self._monitor = routing_monitor.RoutingMonitor(monitor)
     if self._writes:
       import tensorflow as tf  # only the logger needs it
       Path(model_dir).mkdir(parents=True, exist_ok=True)
@@ -91,16 +102,37 @@ class MetricsLogger:
         rate["mfu"] = steps_per_s * self._flops_per_step / self._peak_flops
     if not self._writes:
       return
+    report = self._monitor(step, metrics)
+    metrics = {**metrics, **report.metrics}
     record = {"step": step, **metrics, **rate}
+    if report.warnings:
+      record[routing_monitor.WARNINGS] = [
+          {**dataclasses.asdict(w), "message": w.message}
+          for w in report.warnings]
     self._jsonl.write(json.dumps(record) + "\n")
     with self._summary.as_default(step=step):
-      for name, value in record.items():
-        if name != "step":
+      for name, value in {**metrics, **rate}.items():
+        if isinstance(value, list):
+          self._histogram(name, value)
+        else:
           self._tf.summary.scalar(name, value)
+    for warning in report.warnings:
+      print(f"WARNING routing: {warning.message}", flush=True)
     if step % self._log_every == 0 or step == self._total_steps:
       self._jsonl.flush()
       self._console(step, metrics, rate)
       self._last_time, self._last_step = now, step
+
+  def _histogram(self, name: str, counts: list[float]) -> None:
+    """A TensorBoard histogram with bucket e = [e - 0.5, e + 0.5) holding
+    counts[e] (e.g. the tokens expert e received)."""
+    from tensorboard.plugins.histogram import metadata  # beside tensorflow
+    edges = np.arange(len(counts), dtype=np.float64)
+    buckets = np.stack([edges - 0.5, edges + 0.5,
+                        np.asarray(counts, np.float64)], axis=-1)
+    self._tf.summary.write(
+        name, buckets, metadata=metadata.create_summary_metadata(
+            name, "tokens per expert, one bucket per expert"))
 
   def _console(self, step: int, metrics: Mapping[str, float],
                rate: Mapping[str, float]) -> None:
@@ -116,6 +148,9 @@ class MetricsLogger:
                                                    1e-9)
       line += f"  ETA {_duration(remaining)}"
     print(line, flush=True)
+    routing = routing_monitor.console_summary(metrics)
+    if routing:
+      print(routing, flush=True)
 
   def close(self) -> None:
     if self._writes:

@@ -1,7 +1,7 @@
 """The training loss: cross entropy plus the weighted routing losses.
 
 Dimension names (moe_jax's glossary): B batch, Lt target length, V
-vocabulary, R sparse layers.
+vocabulary, R sparse layers, E experts.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def training_loss(output: ModelOutput, batch: Mapping[str, Array],
   Returns:
     (loss, metrics): metrics hold `cross_entropy` (without routing terms),
     the weighted and raw routing terms, the routing metrics averaged over
-    sparse layers, and per layer (`<name>/per_layer`, <[R]>).
+    sparse layers, and per layer (`<name>/per_layer`, <[R]>); the
+    per-expert load only per layer (`expert_load/per_layer`, <[R, E]>).
   """
   weights = batch.get("decoder_loss_weights",
                       (batch["decoder_target_tokens"] > 0).astype(jnp.float32))
@@ -115,9 +116,11 @@ def training_loss(output: ModelOutput, batch: Mapping[str, Array],
     loss = loss + aux + router_z
     metrics["weighted_auxiliary_loss"] = aux
     metrics["weighted_router_z_loss"] = router_z
-    for name in metric_names.SCALAR_METRICS:
+    for name in (metric_names.SCALAR_METRICS +
+                 metric_names.EXTRA_SCALAR_METRICS):
       values = getattr(stats, name)
       metrics[name] = jnp.mean(values)
       metrics[f"{name}/per_layer"] = values
+    metrics[f"{metric_names.EXPERT_LOAD}/per_layer"] = stats.expert_load
   metrics["loss"] = loss
   return loss, metrics

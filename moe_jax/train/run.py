@@ -29,7 +29,7 @@ import numpy as np
 from moe_jax import distributed, flops, knobs, partitioning
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
-from moe_jax.train import loop, warm_start
+from moe_jax.train import eval_checks, loop, routing_monitor, warm_start
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.data import BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -52,10 +52,15 @@ class TrainConfig:
     init_checkpoint: a model directory (its latest step) or a step
       directory to initialize parameters from when the run starts fresh.
     init_mode: `warm_start.InitMode`.
+    init_format: `warm_start.CheckpointFormat` of init_checkpoint ('t5x':
+      a T5X checkpoint in flaxformer's names, e.g. a released T5 v1.1 /
+      Switch / ST-MoE one).
     init_params_include: regex over '/'-joined parameter paths (MATCHING).
     overwrite_config: accept a model directory written with another config.
     async_checkpointing: write checkpoints in the background.
     peak_tflops_per_device: for MFU where the device kind is unknown.
+    monitor: thresholds of the routing warnings
+      (`routing_monitor.MonitorConfig`).
   """
   model_dir: str
   num_steps: int
@@ -66,13 +71,18 @@ class TrainConfig:
   seed: int = 0
   init_checkpoint: Optional[str] = None
   init_mode: warm_start.InitMode = warm_start.InitMode.MATCHING
+  init_format: warm_start.CheckpointFormat = (
+      warm_start.CheckpointFormat.MOE_JAX)
   init_params_include: str = ".*"
   overwrite_config: bool = False
   async_checkpointing: bool = True
   peak_tflops_per_device: Optional[float] = None
+  monitor: routing_monitor.MonitorConfig = routing_monitor.MonitorConfig()
 
   def __post_init__(self):
     knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
+    knobs.choice(warm_start.CheckpointFormat, "init_format",
+                 self.init_format)
     for knob in ("num_steps", "save_every", "keep_checkpoints", "log_every"):
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
@@ -95,6 +105,12 @@ class Run:
   loss: LossConfig = LossConfig()
   eval: Optional[EvalConfig] = None
   config_text: str = ""   # stored beside the checkpoints
+
+  def __post_init__(self):
+    # Here rather than at the first evaluation, after training.
+    if self.eval is not None and self.eval.mixture_or_task_name:
+      eval_checks.check_eval_tasks(self.eval.mixture_or_task_name,
+                                   self.eval.split, self.data.objective)
 
 
 @gin.configurable("moe_jax_run")
@@ -188,7 +204,8 @@ class _Trainer:
     if source is not None:
       filled, copied = warm_start.from_checkpoint(
           params, source, self.run.train.init_mode,
-          self.run.train.init_params_include)
+          self.run.train.init_params_include, self.run.model,
+          self.run.train.init_format)
       if jax.process_index() == 0:
         print(f"initialized {len(copied)} parameter arrays from {source}")
       params = jax.device_put(filled, shardings.params)
@@ -215,7 +232,8 @@ def train(run: Run) -> TrainResult:
   counts = flops.count(run.model, lengths.get("inputs", 0), lengths["targets"])
   logger = MetricsLogger(cfg.model_dir, cfg.num_steps, tokens,
                          3 * counts.forward_flops * run.data.batch_size,
-                         cfg.log_every, cfg.peak_tflops_per_device)
+                         cfg.log_every, cfg.peak_tflops_per_device,
+                         cfg.monitor)
   eval_metrics = {}
 
   def evaluate(step: int, state: TrainState) -> None:

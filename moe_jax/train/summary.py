@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_jax.moe import metric_names
+from moe_jax.train import routing_monitor
 
 
 def _mean(history: list[dict], key: str, rows: slice) -> float:
@@ -26,9 +27,16 @@ def format_summary(run, result) -> str:
     last = _mean(history, "cross_entropy", slice(-window, None))
     lines.append(f"  cross entropy: {first:.3f} (first {window} steps) -> "
                  f"{last:.3f} (last {window}), step {history[-1]['step']}")
-    for name in metric_names.SCALAR_METRICS:
+    for name in (metric_names.SCALAR_METRICS +
+                 metric_names.EXTRA_SCALAR_METRICS):
       if name in history[-1]:
         lines.append(f"  {name:<28} {_mean(history, name, slice(-window, None)):.4f}")
+    loads = [routing_monitor.layer_values(h, routing_monitor.EXPERT_LOAD)
+             for h in history[-window:]]
+    if loads[-1].size:
+      cv = routing_monitor.load_stats(np.mean(loads, axis=0)).cv
+      lines.append(f"  {'load_cv (worst layer)':<28} {cv.max():.4f} (layer "
+                   f"{int(cv.argmax())}, load of the last {window} steps)")
   if result.loop.preempted:
     lines.append("  stopped early by a signal; the checkpoint is saved")
   if result.eval_metrics:
