@@ -2,7 +2,8 @@
 
   python -m moe_jax.gin_upgrade MODEL_DIR/config.gin [MORE.gin ...]
 
-rewrites each file in place. Two changes made older files fail to parse:
+rewrites each file in place. Two changes made older files fail to parse,
+and a third changed their meaning:
 
 1. The MoE core moved into `moe_jax.moe` (routers into `moe_jax.moe.routers`,
    `layers` became `moe_jax.moe.layer`, `upcycle` moved under `moe_jax.train`).
@@ -13,6 +14,16 @@ rewrites each file in place. Two changes made older files fail to parse:
    and `config.MoeConfig.layer = @layer.MoeLayer()` is added (gin evaluates
    it in the scope of each `@encoder/config.MoeConfig()`, so scoped layer
    bindings still reach their stack).
+
+3. Capacity follows T5X's convention, C = capacity_factor * S / E for any k
+   (it was k * capacity_factor * S / E, GShard's). Files that moe_jax saves
+   carry the macro `CAPACITY_CONVENTION = 't5x'` (gin/models/arch/
+   moe_layers.gin sets it). A saved configuration (`gin.config_str()`'s
+   layout, as a run's config.gin) that binds capacity factors without it
+   is refused; the upgrade appends, for each stack whose router makes
+   k > 1 choices, its factors times k (scoped to the stack) and the macro,
+   so the run keeps the capacity it trained with. It parses the file with gin to read each
+   stack's k and factors, replacing the process's gin configuration.
 
 `gin_utils.parse` calls `check` on every file and fails with this command.
 Bindings may be flat (`a.B.c = v`, what runs save) or in `a.B:` blocks with
@@ -27,6 +38,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import gin
+
+from moe_jax.models import configured_model_config
 from moe_jax.models.config import MoeConfig
 
 COMMAND = "python -m moe_jax.gin_upgrade"
@@ -55,6 +69,12 @@ _MOE_BLOCK = re.compile(r"^((?:[\w.]+/)*)config\.MoeConfig:\s*$")
 _BLOCK_LINE = re.compile(r"^\s+(\w+)(\s*=.*)$")
 _LAYER_IMPORT = "from moe_jax.moe import layer"
 _LAYER_BINDING = "config.MoeConfig.layer = @layer.MoeLayer()"
+CAPACITY_MARKER = "CAPACITY_CONVENTION = 't5x'"
+_CAPACITY_KNOBS = ("train_capacity_factor", "eval_capacity_factor")
+_CAPACITY_BINDING = re.compile(
+    rf"^\s*(?:[\w./]+\.)?({'|'.join(_CAPACITY_KNOBS)})\s*=", re.M)
+# The section headers of `gin.config_str()`, which runs save as config.gin.
+_SAVED = re.compile(r"^# Parameters for [\w./]+:$", re.M)
 
 
 def _flatten_moe_blocks(lines: list[str]) -> list[str]:
@@ -95,7 +115,8 @@ def reason(text: str) -> Optional[str]:
 
 
 def upgrade(text: str) -> str:
-  """`text` with moved modules and MoE layer knobs renamed (see above)."""
+  """`text` with moved modules and MoE layer knobs renamed and capacity
+  factors kept (see above)."""
   out, imports, moved_knob = [], set(), False
   for line in _flatten_moe_blocks(text.splitlines()):
     old = _IMPORT.match(line)
@@ -128,13 +149,47 @@ def upgrade(text: str) -> str:
       out.insert(last + 1, _LAYER_IMPORT)
     out += ["", "# Added by moe_jax.gin_upgrade: the MoE layer of each stack.",
             _LAYER_BINDING]
-  return "\n".join(out) + "\n"
+  text = "\n".join(out) + "\n"
+  return _upgrade_capacity(text) if capacity_reason(text) else text
+
+
+def capacity_reason(text: str) -> Optional[str]:
+  """Why `text`, a saved gin configuration, needs `upgrade` for the
+  capacity convention (change 3 above), or None."""
+  if (CAPACITY_MARKER in text or not _SAVED.search(text) or
+      not _CAPACITY_BINDING.search(text)):
+    return None
+  return ("it binds MoE capacity factors but lacks the line "
+          f"{CAPACITY_MARKER}, so it predates T5X's capacity convention "
+          "(C = capacity_factor * S / E, no k); the upgrade multiplies the "
+          "factors of top-k stacks by k to keep the capacity the run had (a "
+          "file written for T5X's convention needs only that line)")
+
+
+def _upgrade_capacity(text: str) -> str:
+  """`text` with, per top-k stack, its capacity factors times k appended."""
+  gin.clear_config()
+  try:
+    gin.parse_config(text)
+    config = configured_model_config()
+  finally:
+    gin.clear_config()
+  lines = ["", "# Added by moe_jax.gin_upgrade: capacity factors in T5X's "
+           "convention (no k),", "# times k to keep this run's capacity.",
+           CAPACITY_MARKER]
+  for stack in ("encoder", "decoder"):
+    moe = config.moe(stack)
+    k = moe.layer.router.experts_per_token if moe else 1
+    if k > 1:
+      lines += [f"{stack}/layer.MoeLayer.{knob} = "
+                f"{getattr(moe.layer, knob) * k!r}" for knob in _CAPACITY_KNOBS]
+  return text + "\n".join(lines) + "\n"
 
 
 def check(text: str, source: str) -> None:
   """Raises ValueError, with the command that fixes it, when `text` (the gin
   file `source`) was written for an older moe_jax."""
-  why = reason(text)
+  why = reason(text) or capacity_reason(text)
   if why:
     raise ValueError(f"{source} was written for an older moe_jax: {why}; "
                      f"update the file with\n  {COMMAND} {source}")

@@ -16,9 +16,10 @@ def relu_expert(x, wi, wo):
   return np.maximum(x @ wi, 0.0) @ wo
 
 
-def capacity(group_size, num_experts, factor, min_capacity, k):
-  return int(min(max(min_capacity, round(factor * group_size * k /
-                                         num_experts)), group_size))
+def capacity(group_size, num_experts, factor, min_capacity):
+  """flaxformer's C (no k), capped at the group size."""
+  return int(min(max(min_capacity, round(factor * group_size / num_experts)),
+                 group_size))
 
 
 def token_choice(x, mask, router_kernel, wi, wo, k, cap, renormalize=False,

@@ -14,21 +14,28 @@ from moe_jax.moe import dispatch, grouped_matmul
 from tests.layer_helpers import init, inputs, make_layer
 
 
-@pytest.mark.parametrize("tokens,experts,factor,min_cap,k,want", [
-    (64, 8, 1.0, 4, 1, 8),      # cf * S * k / E
-    (64, 8, 1.25, 4, 2, 20),    # k multiplies: 1.25 * 64 * 2 / 8
-    (64, 8, 0.1, 4, 1, 4),      # min_expert_capacity wins
-    (10, 4, 1.0, 0, 1, 2),      # round(2.5) = 2 (round half to even)
-    (14, 4, 1.0, 0, 1, 4),      # round(3.5) = 4
-    (16, 2, 4.0, 1, 2, 16),     # capped at S
+@pytest.mark.parametrize("tokens,experts,factor,min_cap,want", [
+    (64, 8, 1.0, 4, 8),      # cf * S / E
+    (64, 8, 1.25, 4, 10),    # 1.25 * 64 / 8, whatever k (T5X)
+    (64, 8, 0.1, 4, 4),      # min_expert_capacity wins
+    (10, 4, 1.0, 1, 2),      # round(2.5) = 2 (round half to even)
+    (14, 4, 1.0, 1, 4),      # round(3.5) = 4
+    (16, 2, 4.0, 1, 16),     # capped at S
+    (64, 8, 0.01, 1, 1),     # never 0
 ])
-def test_expert_capacity_formula(tokens, experts, factor, min_cap, k, want):
-  assert dispatch.expert_capacity(tokens, experts, factor, min_cap, k) == want
+def test_expert_capacity_formula(tokens, experts, factor, min_cap, want):
+  assert dispatch.expert_capacity(tokens, experts, factor, min_cap) == want
 
 
-def test_expert_capacity_rejects_nonpositive_factor():
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf")])
+def test_expert_capacity_rejects_bad_factor(factor):
   with pytest.raises(ValueError, match="capacity_factor"):
-    dispatch.expert_capacity(8, 2, 0.0, 1)
+    dispatch.expert_capacity(8, 2, factor, 1)
+
+
+def test_expert_capacity_rejects_zero_minimum():
+  with pytest.raises(ValueError, match="min_capacity"):
+    dispatch.expert_capacity(8, 2, 1.0, 0)
 
 
 def test_group_shape():

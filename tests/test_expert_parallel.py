@@ -19,11 +19,6 @@ def layer(**overrides):
   return MoeLayer(**fields)
 
 
-def test_expert_dropout_rejected():
-  with pytest.raises(ValueError, match="expert_dropout_rate"):
-    layer(expert_dropout_rate=0.1)
-
-
 def test_needs_a_mesh():
   x = jnp.ones((1, 2, 4))
   with pytest.raises(ValueError, match="needs a mesh"):
@@ -38,6 +33,13 @@ def test_gin_file_turns_it_on_in_both_stacks():
   assert config.decoder_moe.layer.expert_parallel
   gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin"], [])
   assert not configured_model_config().encoder_moe.layer.expert_parallel
+
+
+def test_expert_dropout_matches_one_device_in_distribution_on_8_devices():
+  # 2 paths x 2 meshes, then the FLAN-MoE preset's training step.
+  out = run_check("check_expert_dropout")
+  assert out.count("ok dropout ") == 4, out
+  assert "ok flan_switch_base expert_parallel step" in out, out
 
 
 @pytest.mark.parametrize("case", ["layer", "model"])

@@ -228,10 +228,12 @@ def teardown_module():
 
 
 def test_config_saved_before_the_moe_package_says_how_to_update(tmp_path):
-  """A config.gin written before the MoE core moved into `moe_jax.moe` and
-  before the layer knobs moved to `layer.MoeLayer` fails with a command;
-  after that command the file gives the model the current gin files give
-  for the same settings."""
+  """A config.gin written before the MoE core moved into `moe_jax.moe`,
+  before the layer knobs moved to `layer.MoeLayer` and before T5X's capacity
+  convention fails with a command; after that command the file gives the
+  model the current gin files give for the same settings, its top-2
+  capacity factors doubled so that each group's capacity is the one the
+  run trained with."""
   saved = tmp_path / "config.gin"
   saved.write_text((Path(__file__).parent / "data" /
                     "config_before_moe_package.gin").read_text())
@@ -248,9 +250,42 @@ def test_config_saved_before_the_moe_package_says_how_to_update(tmp_path):
   # The run was gin/runs/mini_flan_cpu.gin: tiny MoE T5, ST-MoE routing.
   current = _config("gin/models/t5_1_1_tiny_moe.gin", "gin/routing/st_moe.gin",
                     bindings=["EMBED_DIM = 64", "MLP_DIM = 128",
-                              "NUM_HEADS = 4", "VOCAB_SIZE = 259"])
+                              "NUM_HEADS = 4", "VOCAB_SIZE = 259",
+                              "TRAIN_CAPACITY_FACTOR = 2.5",
+                              "EVAL_CAPACITY_FACTOR = 4.0"])
   assert config == current
   assert config.encoder_moe.extra_dense_ffn
+  # The old formula: C = max(1, round(k * factor * S / E)), k = 2, E = 8.
+  layer = config.encoder_moe.layer
+  for size, factor in ((64, 1.25), (100, 1.25), (7, 2.0)):
+    old = min(max(1, round(2 * factor * size / 8)), size)
+    assert layer.capacity(size, deterministic=factor == 2.0) == old
+
+
+def test_saved_config_without_the_capacity_convention_is_upgraded(tmp_path):
+  """A run saved before T5X's convention (flat, its factors meant k * C)
+  is refused; the upgrade scales only its top-k stacks; a saved config of
+  today passes."""
+  gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin",
+                   "gin/routing/expert_choice.gin"])
+  today = gin.config_str()
+  assert gin_upgrade.CAPACITY_MARKER in today
+  assert gin_upgrade.capacity_reason(today) is None
+  old = today.replace(gin_upgrade.CAPACITY_MARKER, "")
+  saved = tmp_path / "config.gin"
+  saved.write_text(old)
+  with pytest.raises(ValueError, match="CAPACITY_CONVENTION"):
+    gin_utils.parse([str(saved)])
+  saved.write_text(gin_upgrade.upgrade(old))
+  config = _config(str(saved))
+  # Encoder: expert choice (k = 1, factors as saved); decoder: top-2.
+  assert config.encoder_moe.layer.train_capacity_factor == 2.0
+  assert config.decoder_moe.layer.train_capacity_factor == 2.5
+  assert config.decoder_moe.layer.eval_capacity_factor == 4.0
+  # Written gin files (not saved configurations) and --gin bindings are
+  # today's convention.
+  _config("gin/models/t5_1_1_tiny_moe.gin", "gin/routing/expert_choice.gin",
+          bindings=["layer.MoeLayer.train_capacity_factor = 2.0"])
 
 
 def test_upgrade_keeps_stacks_apart_and_reads_blocks():

@@ -84,7 +84,7 @@ def test_routing_numbers_match_a_numpy_reference(checkpoint):
     kernel = np.asarray(params["moe"]["router"]["router_weights"]["kernel"],
                         np.float64)
     b, l, d = x.shape
-    cap = moe_reference.capacity(b * l, NUM_EXPERTS, 0.5, 1, K)
+    cap = moe_reference.capacity(b * l, NUM_EXPERTS, 0.5, 1)
     x, mask = x.reshape(b * l, d), mask.reshape(-1) > 0
     probs = moe_reference.softmax(x @ kernel)
     choices = np.argsort(-probs, axis=1, kind="stable")[:, :K]

@@ -30,7 +30,7 @@ def test_token_choice_matches_slow_reference(router, dispatch):
   y, stats = apply(layer, params, x)
   kernel, wi, wo = numpy_params(params)
   tc = layer.router
-  cap = ref.capacity(24, 4, 0.75, 1, tc.num_selected_experts)
+  cap = ref.capacity(24, 4, 0.75, 1)
   want, dispatched = ref.token_choice(
       np.asarray(x, np.float64).reshape(24, 8), np.ones(24, bool), kernel, wi,
       wo, tc.num_selected_experts, cap, tc.renormalize_gates,
@@ -52,7 +52,7 @@ def test_expert_choice_matches_slow_reference(dispatch):
   kernel, wi, wo = numpy_params(params)
   want, taken = ref.expert_choice(
       np.asarray(x, np.float64).reshape(24, 8), mask.reshape(24), kernel, wi,
-      wo, ref.capacity(24, 4, 1.0, 1, 1))
+      wo, ref.capacity(24, 4, 1.0, 1))
   np.testing.assert_allclose(np.asarray(y).reshape(24, 8), want, atol=1e-5)
   real = mask.reshape(24)
   np.testing.assert_allclose(stats.fraction_tokens_left_behind,
@@ -232,8 +232,6 @@ def test_jit_and_grad_under_training_mode(path):
 @pytest.mark.parametrize("kwargs,knob", [
     (dict(router=TokenChoiceRouter(num_selected_experts=5)),
      "num_selected_experts=5"),
-    (dict(train_capacity_factor=0.0), "train_capacity_factor=0.0"),
-    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor=-1.0"),
     (dict(router=ExpertChoiceRouter(), causal=True), "causal"),
     (dict(router=ExpertChoiceRouter(), dispatch="dropless"), "dropless"),
     (dict(dispatch="magic"), "dispatch='magic'"),
@@ -267,9 +265,40 @@ def test_expert_choice_allowed_in_causal_stack_when_asked():
            causal=True, allow_expert_choice_in_causal=True)
 
 
-def test_dropless_accepts_any_capacity_factor():
-  MoeLayer(num_experts=4, expert_hidden_dim=8, router=TokenChoiceRouter(),
-           dispatch=Dispatch.DROPLESS, train_capacity_factor=0.0)
+CAPACITY_PATHS = [("top2", "einsum"), ("top2", "scatter"),
+                  ("top2", "dropless"), ("expert_choice", "scatter")]
+
+
+@pytest.mark.parametrize("router,path", CAPACITY_PATHS)
+@pytest.mark.parametrize("kwargs,knob", [
+    (dict(train_capacity_factor=0.0), "train_capacity_factor=0.0"),
+    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor=-1.0"),
+    (dict(train_capacity_factor=float("nan")), "train_capacity_factor=nan"),
+    (dict(eval_capacity_factor=float("inf")), "eval_capacity_factor=inf"),
+    (dict(min_expert_capacity=0), "min_expert_capacity=0"),
+])
+def test_capacity_knobs_fail_at_construction_on_every_path(router, path,
+                                                           kwargs, knob):
+  layer = make_layer(router, path)
+  with pytest.raises(ValueError, match=knob):
+    layer.clone(**kwargs)
+
+
+@pytest.mark.parametrize("router,path", CAPACITY_PATHS)
+def test_smallest_capacity_runs_on_every_path(router, path):
+  # A factor this small rounds to 0; min_expert_capacity=1 keeps C = 1, and
+  # the layer runs with finite outputs and metrics.
+  layer = make_layer(router, path, factor=1e-3)
+  assert layer.capacity(24, True) == layer.capacity(24, False) == 1
+  x = inputs()
+  params = init(layer, x)
+  y, stats = layer.apply(params, x, deterministic=False,
+                         rngs={"dropout": jax.random.PRNGKey(0)})
+  assert np.all(np.isfinite(y))
+  for name in metric_names.ALL:
+    assert np.all(np.isfinite(getattr(stats, name))), name
+  if path != "dropless":   # each expert fills its one slot per group
+    np.testing.assert_allclose(stats.expert_usage, 1.0)
 
 
 def test_bad_shapes_fail_with_the_knob():

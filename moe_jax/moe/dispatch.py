@@ -47,29 +47,42 @@ class Dispatch(str, enum.Enum):
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
-                    min_capacity: int, num_selected_experts: int = 1) -> int:
-  """Slots per expert per group.
+                    min_capacity: int) -> int:
+  """Slots per expert per group, in T5X's (flaxformer's) convention:
 
-    C = max(min_capacity, round(capacity_factor * S * k / E)), capped at S.
+    C = min(S, max(min_capacity, round(capacity_factor * S / E))).
 
-  k multiplies (as in GShard): each token makes k assignments, so the
-  capacity factor is the ratio of slots to assignments and padding costs
-  `capacity_factor` times the useful expert work for any k. (flaxformer leaves
-  k out: its factor 2.0 at k = 2 equals 1.0 here.) Expert choice uses k = 1.
-  The cap at S holds because no token can fill two slots of one expert.
+  The number of choices per token k does not enter: a top-2 layer with
+  factor 1.25 gives each expert 1.25 * S / E slots for 2 * S / E
+  assignments on average, so a factor copied from a T5X gin file gives
+  T5X's capacity. (GShard multiplies by k; its factor f at k = 2 is 2 f
+  here.) Under expert choice C = capacity_factor * S / E is also the mean
+  number of experts a token meets times S / E. `round` is Python's (half to
+  even), as flaxformer's `int(round(.))`. The cap at S is ours: no token
+  fills two slots of one expert and expert choice takes its top C of S
+  tokens, so it changes no output, only the denominator of `expert_usage`
+  when min_capacity or capacity_factor * S / E exceeds S.
 
   Args:
     num_tokens: S, tokens per group.
     num_experts: E.
-    capacity_factor: > 0.
-    min_capacity: lower bound on C.
-    num_selected_experts: k.
+    capacity_factor: finite, > 0.
+    min_capacity: lower bound on C, >= 1.
+
+  Raises:
+    ValueError: capacity_factor not finite and > 0, or min_capacity < 1.
   """
-  if capacity_factor <= 0:
-    raise ValueError(f"capacity_factor must be > 0; got {capacity_factor}")
-  capacity = round(capacity_factor * num_tokens * num_selected_experts /
-                   num_experts)
+  check_capacity_factor("capacity_factor", capacity_factor)
+  if min_capacity < 1:
+    raise ValueError(f"min_capacity must be >= 1; got {min_capacity}")
+  capacity = round(capacity_factor * num_tokens / num_experts)
   return int(min(max(min_capacity, capacity), num_tokens))
+
+
+def check_capacity_factor(knob: str, value: float) -> None:
+  """Raises ValueError naming `knob` unless `value` is finite and > 0."""
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"{knob} must be finite and > 0; got {knob}={value}")
 
 
 def group_shape(num_tokens: int, max_group_size: int,

@@ -9,6 +9,12 @@ weights <[E, D, F]> are split E over "expert" and F over "model". Routing
 runs before, on the global arrays, so the function computed is the one of
 the single-device layer.
 
+Expert dropout: the layer's dropout key enters replicated and each device
+folds in its linear position on the (data, expert, model) mesh, so every
+device draws its own independent mask over the hidden activations it
+computes (its experts' rows, its F shard): the same distribution as one
+device's mask over the whole <[E, T, F]>, not the same mask.
+
 Batched layout (einsum, scatter, expert choice): each device dispatches its
 local groups into buffers <[E, G_local * C, D]>; one `all_to_all` over
 "expert" sends expert e's rows to the device that owns e:
@@ -36,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.axes import DATA, EXPERT, MODEL
 from moe_jax.moe.dispatch import DispatchPath
-from moe_jax.moe.experts import ExpertFns, Weights
+from moe_jax.moe.experts import ExpertDropout, ExpertFns, Weights
 from moe_jax.moe.routing import RoutingDecision
 
 Array = jax.Array
@@ -93,16 +99,26 @@ def check_mesh(num_experts: int, num_groups: int, hidden_dim: int
   return mesh
 
 
+def _device_index(mesh) -> Array:
+  """Inside `jax.shard_map` over `mesh`: this device's linear position on
+  the (data, expert, model) axes."""
+  index = jnp.zeros((), jnp.int32)
+  for axis in (DATA, EXPERT, MODEL):
+    index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
+  return index
+
+
 def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
   """`experts` (holding the local weights) behind the exchanges over
   "expert" and the sum over "model" described in the module docstring."""
 
-  def batched(weights: Weights, x: Array) -> Array:
+  def batched(weights: Weights, x: Array, dropout: ExpertDropout) -> Array:
     x = jax.lax.all_to_all(x, EXPERT, 0, 1, tiled=True)  # [E/X, X*T, D]
-    y = jax.lax.psum(experts.batched_fn(weights, x), MODEL)
+    y = jax.lax.psum(experts.batched_fn(weights, x, dropout), MODEL)
     return jax.lax.all_to_all(y, EXPERT, 1, 0, tiled=True)  # [E, T, D]
 
-  def grouped(weights: Weights, rows: Array, group_sizes: Array) -> Array:
+  def grouped(weights: Weights, rows: Array, group_sizes: Array,
+              dropout: ExpertDropout) -> Array:
     all_rows = jax.lax.all_gather(rows, EXPERT)  # [X, M, D]
     all_sizes = jax.lax.all_gather(group_sizes, EXPERT)  # [X, E]
     first = jax.lax.axis_index(EXPERT) * local_experts
@@ -118,7 +134,7 @@ def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
         all_sizes, first, local_experts, axis=1), axis=0)  # [E / X]
     out = experts.grouped_fn(
         weights, jnp.take(all_rows.reshape(-1, rows.shape[1]), order, axis=0),
-        local_sizes)
+        local_sizes, dropout)
     out = jnp.zeros_like(out).at[order].set(out).reshape(all_rows.shape)
     out = jax.lax.psum_scatter(out, EXPERT, scatter_dimension=0)  # [M, D]
     return jax.lax.psum(out, MODEL)
@@ -141,13 +157,15 @@ def wrap(run: DispatchPath,
               experts: ExpertFns, capacity) -> Array:
     local_experts = num_experts // mesh.shape[EXPERT]
 
-    def body(x, decision, weights):
-      local = _exchanged(experts.replace(weights=weights), local_experts)
-      return run(x, decision, num_experts, local, capacity)
+    def body(x, decision, weights, dropout):
+      local = experts.replace(weights=weights,
+                              dropout=dropout.for_device(_device_index(mesh)))
+      return run(x, decision, num_experts,
+                 _exchanged(local, local_experts), capacity)
 
     weight_specs = {name: _weight_spec(name) for name in experts.weights}
-    return jax.shard_map(body, mesh=mesh,
-                         in_specs=(GROUPS, GROUPS, weight_specs),
-                         out_specs=GROUPS)(x, decision, experts.weights)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(GROUPS, GROUPS, weight_specs, P()),
+        out_specs=GROUPS)(x, decision, experts.weights, experts.dropout)
 
   return sharded

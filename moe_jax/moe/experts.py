@@ -4,7 +4,8 @@ Dimension names: E experts, D model width, F expert hidden width (d_ff),
 T tokens per expert (capacity paths), M sorted rows (dropless path).
 
 `Experts` only creates the weights; `apply_experts` is the pure MLP over
-them, and `ExpertFns` binds the two to the layouts the dispatch paths use:
+them, `ExpertDropout` the dropout on its hidden activations, and `ExpertFns`
+binds them to the layouts the dispatch paths use:
 * batched, x <[E, T, D]>: one einsum over the leading expert axis;
 * grouped, x <[M, D]> sorted by expert with <int32>[E] group sizes: the
   configured grouped matmul (`moe_jax.moe.grouped_matmul`), each row
@@ -101,8 +102,32 @@ class Experts(nn.Module):
             for name in Activation(self.activation).weight_names}
 
 
-def _identity(h: Array) -> Array:
-  return h
+@struct.dataclass
+class ExpertDropout:
+  """Dropout on the experts' hidden activations <[..., F]>: each element is
+  kept with probability 1 - rate and scaled by 1 / (1 - rate), as
+  `flax.linen.Dropout`. A pytree whose leaf is the key, so it can enter
+  `jax.shard_map` and take one key per device (`for_device`).
+
+  Attributes:
+    key: PRNG key; None: no dropout (evaluation, or rate 0).
+    rate: the drop probability, in [0, 1).
+  """
+  key: Optional[Array] = None
+  rate: float = struct.field(pytree_node=False, default=0.0)
+
+  def __call__(self, h: Array) -> Array:
+    if self.key is None or self.rate == 0:
+      return h
+    keep = jax.random.bernoulli(self.key, 1.0 - self.rate, h.shape)
+    return jax.lax.select(keep, h / (1.0 - self.rate), jnp.zeros_like(h))
+
+  def for_device(self, index: Array) -> ExpertDropout:
+    """The dropout of the device at linear mesh position `index`: its key
+    folded with `index`, so devices draw independent masks."""
+    if self.key is None:
+      return self
+    return self.replace(key=jax.random.fold_in(self.key, index))
 
 
 def batched_matmul(x: Array, w: Array) -> Array:
@@ -112,7 +137,7 @@ def batched_matmul(x: Array, w: Array) -> Array:
 
 def apply_experts(x: Array, weights: Weights, activation: Activation,
                   matmul: Callable[[Array, Array], Array],
-                  hidden_dropout: Callable[[Array], Array] = _identity
+                  hidden_dropout: ExpertDropout = ExpertDropout()
                   ) -> Array:
   """The expert MLPs on x (cast to the weights' dtype), rows meeting the
   weights through `matmul`."""
@@ -125,52 +150,55 @@ def apply_experts(x: Array, weights: Weights, activation: Activation,
 class ExpertFns:
   """The experts bound to their weights, in the two layouts of the paths.
 
-  A pytree whose leaves are the weights (the functions are static), so
-  `moe_jax.moe.expert_parallel` can split the weights over devices and
-  rebind the functions around its collectives.
+  A pytree whose leaves are the weights and the dropout key (the functions
+  are static), so `moe_jax.moe.expert_parallel` can split the weights over
+  devices, give each device its own dropout key and rebind the functions
+  around its collectives.
 
   Attributes:
     weights: see `Weights`.
-    batched_fn: (weights, x <[E, T, D]>) -> <[E, T, D]>.
+    batched_fn: (weights, x <[E, T, D]>, dropout) -> <[E, T, D]>.
     grouped_fn: (weights, rows <[M, D]> sorted by expert, group sizes
-      <int32>[E]) -> <[M, D]>.
+      <int32>[E], dropout) -> <[M, D]>.
     buffer_axes: logical axes the batched input is constrained to, or None
       (inside `jax.shard_map`, where the mesh axes are manual).
+    dropout: the `ExpertDropout` of the hidden activations.
   """
   weights: Weights
-  batched_fn: Callable[[Weights, Array], Array] = struct.field(
-      pytree_node=False)
-  grouped_fn: Callable[[Weights, Array, Array], Array] = struct.field(
-      pytree_node=False)
+  batched_fn: Callable[[Weights, Array, ExpertDropout], Array] = (
+      struct.field(pytree_node=False))
+  grouped_fn: Callable[[Weights, Array, Array, ExpertDropout], Array] = (
+      struct.field(pytree_node=False))
   buffer_axes: Optional[tuple[str, ...]] = struct.field(pytree_node=False,
                                                         default=None)
+  dropout: ExpertDropout = ExpertDropout()
 
   def batched(self, x: Array) -> Array:
     """<[E, T, D]> -> <[E, T, D]>."""
     if self.buffer_axes is not None:
       x = nn.with_logical_constraint(x, self.buffer_axes)
-    return self.batched_fn(self.weights, x)
+    return self.batched_fn(self.weights, x, self.dropout)
 
   def grouped(self, rows: Array, group_sizes: Array) -> Array:
     """<[M, D]> sorted by expert, <int32>[E] -> <[M, D]>."""
-    return self.grouped_fn(self.weights, rows, group_sizes)
+    return self.grouped_fn(self.weights, rows, group_sizes, self.dropout)
 
 
 def expert_fns(weights: Weights, activation: Activation,
                grouped_matmul: GroupedMatmulFn,
-               hidden_dropout: Callable[[Array], Array] = _identity
-               ) -> ExpertFns:
+               dropout: ExpertDropout = ExpertDropout()) -> ExpertFns:
   """The experts on one program (XLA's SPMD partitioner shards them); the
   expert buffers are constrained to `axes.EXPERT_BUFFERS`."""
-  apply = functools.partial(apply_experts, activation=activation,
-                            hidden_dropout=hidden_dropout)
+  apply = functools.partial(apply_experts, activation=activation)
   return ExpertFns(
       weights,
-      batched_fn=lambda w, x: apply(x, w, matmul=batched_matmul),
-      grouped_fn=lambda w, rows, sizes: apply(
+      batched_fn=lambda w, x, drop: apply(x, w, matmul=batched_matmul,
+                                          hidden_dropout=drop),
+      grouped_fn=lambda w, rows, sizes, drop: apply(
           rows, w, matmul=functools.partial(grouped_matmul,
-                                            group_sizes=sizes)),
-      buffer_axes=axes.EXPERT_BUFFERS)
+                                            group_sizes=sizes),
+          hidden_dropout=drop),
+      buffer_axes=axes.EXPERT_BUFFERS, dropout=dropout)
 
 
 def mlp(x: Array, activation: Activation,

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 from moe_jax import axes, knobs
 from moe_jax.moe import capture, expert_parallel, grouped_matmul, metric_names
-from moe_jax.moe.dispatch import (PATHS, Dispatch, expert_capacity,
-                                  group_shape, group_tokens)
-from moe_jax.moe.experts import Activation, Experts, expert_fns
+from moe_jax.moe.dispatch import (PATHS, Dispatch, check_capacity_factor,
+                                  expert_capacity, group_shape, group_tokens)
+from moe_jax.moe.experts import (Activation, ExpertDropout, Experts,
+                                 expert_fns)
 from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router, TokenChoice
 
@@ -88,9 +89,11 @@ class MoeLayer(nn.Module):
       `dropless` never drops a token (token choice only).
     grouped_matmul: `GroupedMatmul` of the dropless path (default
       `ragged_dot`; see `moe_jax.moe.grouped_matmul`).
-    train_capacity_factor: capacity factor when deterministic=False.
+    train_capacity_factor: capacity factor when deterministic=False, in
+      T5X's convention: C = capacity_factor * S / E slots per expert, for
+      any k (`moe_jax.moe.dispatch.expert_capacity`; docs/presets.md).
     eval_capacity_factor: capacity factor when deterministic=True.
-    min_expert_capacity: lower bound on C.
+    min_expert_capacity: lower bound on C, >= 1.
     max_group_size: at most this many tokens route together (S). With
       expert_parallel the number of groups G is rounded up to a multiple of
       the mesh's data * expert devices (and S shrinks to match).
@@ -107,7 +110,8 @@ class MoeLayer(nn.Module):
       the traced mesh (`moe_jax.moe.expert_parallel`: all-to-all of expert
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
-      Same function either way; requires expert_dropout_rate=0.
+      Same function either way (expert dropout: the same distribution,
+      one key per device).
     dtype: activation dtype of the experts (router math is float32); a
       model sets its own activation dtype.
     param_dtype: dtype of the stored expert weights.
@@ -151,16 +155,16 @@ class MoeLayer(nn.Module):
       raise ValueError(f"router must be a moe_jax.moe.routing.Router; got "
                        f"router={self.router!r}")
     self.router.validate(self.num_experts)
-    if dispatch != Dispatch.DROPLESS:
-      for knob in ("train_capacity_factor", "eval_capacity_factor"):
-        if getattr(self, knob) <= 0:
-          raise ValueError(f"{knob} must be > 0 on the {dispatch.value} path; "
-                           f"got {knob}={getattr(self, knob)}")
-    elif not self.router.supports_dropless:
+    # The dropless path drops nothing but reports expert_usage against the
+    # capacity these knobs give, so they are checked on every path.
+    for knob in ("train_capacity_factor", "eval_capacity_factor"):
+      check_capacity_factor(knob, getattr(self, knob))
+    if dispatch == Dispatch.DROPLESS and not self.router.supports_dropless:
       raise ValueError(f"dispatch='dropless' needs token choice routing; "
                        f"router={type(self.router).__name__} needs capacity")
-    if self.min_expert_capacity < 0:
-      raise ValueError("min_expert_capacity must be >= 0; got "
+    if self.min_expert_capacity < 1:
+      raise ValueError("min_expert_capacity must be >= 1 (capacity 0 would "
+                       "drop every token); got "
                        f"min_expert_capacity={self.min_expert_capacity}")
     if self.max_group_size < 1:
       raise ValueError(
@@ -168,10 +172,6 @@ class MoeLayer(nn.Module):
     if not 0 <= self.expert_dropout_rate < 1:
       raise ValueError("expert_dropout_rate must be in [0, 1); got "
                        f"expert_dropout_rate={self.expert_dropout_rate}")
-    if self.expert_parallel and self.expert_dropout_rate:
-      raise ValueError(
-          "expert_parallel=True has no expert dropout; got "
-          f"expert_dropout_rate={self.expert_dropout_rate}")
     if (self.causal and self.router.sees_whole_group and
         not self.allow_expert_choice_in_causal):
       raise ValueError(
@@ -203,15 +203,13 @@ class MoeLayer(nn.Module):
         activation=self.expert_activation,
         dtype=self.dtype,
         param_dtype=self.param_dtype)
-    self.expert_dropout = nn.Dropout(self.expert_dropout_rate)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of `group_size` tokens (see `dispatch.expert_capacity`)."""
     factor = (self.eval_capacity_factor if deterministic else
               self.train_capacity_factor)
     return expert_capacity(group_size, self.num_experts, factor,
-                           self.min_expert_capacity,
-                           self.router.experts_per_token)
+                           self.min_expert_capacity)
 
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                deterministic: bool = False,
@@ -264,10 +262,11 @@ class MoeLayer(nn.Module):
       # would fail with a less clear error.
       run = expert_parallel.wrap(run, expert_parallel.check_mesh(
           self.num_experts, num_groups, self.expert_hidden_dim))
-    experts = expert_fns(
-        self.experts(width), self.expert_activation,
-        grouped_matmul.resolve(self.grouped_matmul),
-        lambda h: self.expert_dropout(h, deterministic=deterministic))
+    dropout = ExpertDropout(
+        None if deterministic or not self.expert_dropout_rate else
+        self.make_rng("dropout"), self.expert_dropout_rate)
+    experts = expert_fns(self.experts(width), self.expert_activation,
+                         grouped_matmul.resolve(self.grouped_matmul), dropout)
     out = run(tokens, routed.decision, self.num_experts, experts, capacity)
     out = out.reshape(-1, width)[:batch * length].reshape(batch, length, width)
 

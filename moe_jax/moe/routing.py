@@ -167,9 +167,9 @@ class Router(nn.Module):
 
   @property
   def experts_per_token(self) -> int:
-    """k of the capacity formula C = k * capacity_factor * S / E: the
-    choices each token makes (1 for expert choice, whose C the capacity
-    factor sets alone)."""
+    """k, the choices each token makes (1 for expert choice). The capacity
+    C = capacity_factor * S / E does not depend on it (T5X's convention,
+    `moe_jax.moe.dispatch.expert_capacity`)."""
     return 1
 
   def mean_experts_per_token(self, capacity_factor: float,
