@@ -8,10 +8,10 @@ directory.
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Sequence
-
-import re
 
 import gin
 
@@ -52,6 +52,27 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_ROOT.parent))
   gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
+
+
+def check_macros_used(bindings: Sequence[str], config_text: str) -> None:
+  """Raises ValueError when a binding sets a macro (`NAME=value`, no dot)
+  that nothing in `config_text` references as `%NAME`: a typo that would
+  otherwise train the default. Names the closest macro that is used.
+  For command-line flags (a library caller may bind a macro one model
+  uses and another does not)."""
+  for binding in bindings:
+    match = _MACRO_BINDING.match(binding)
+    if not match or re.search(rf"%{match.group(1)}\b", config_text):
+      continue
+    name = match.group(1)
+    used = sorted(set(re.findall(r"%([A-Za-z_]\w*)", config_text)))
+    close = difflib.get_close_matches(name, used, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ValueError(f"--gin.{binding.strip()}: no binding uses the macro "
+                     f"{name}{hint}")
 
 
 # Modules that moved into `moe_jax.moe` (routers under `moe_jax.moe.routers`);

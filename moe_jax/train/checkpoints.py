@@ -10,10 +10,18 @@ for evaluation, inference, warm starts and inspection.
 
 A model directory written with a different config is refused unless
 `overwrite_config=True`, so two runs never mix their checkpoints silently.
+The comparison leaves out the bookkeeping of `TrainConfig` (`BOOKKEEPING`:
+where the directory is, how long and how often), so a moved directory or a
+run extended by a larger TRAIN_STEPS resumes. config.gin is written only
+once the run has restored its state and finished a step (`commit_config`),
+so a failed start never changes it.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +31,33 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_DIR = "checkpoints"
 _ITEM_DIR = "default"  # the CheckpointManager's single item in a step
+# TrainConfig fields that do not change what is trained.
+BOOKKEEPING = ("model_dir", "num_steps", "save_every", "keep_checkpoints",
+               "log_every", "eval_every", "overwrite_config",
+               "async_checkpointing", "peak_tflops_per_device")
+_BOOKKEEPING_LINE = re.compile(
+    r"^\S*TrainConfig\.(%s) = (%%(\w+))?" % "|".join(BOOKKEEPING))
+
+
+def comparable_config(text: str) -> list[str]:
+  """The lines of a config text that must match to resume: all but the
+  `BOOKKEEPING` bindings and the macros they are bound to."""
+  lines = text.splitlines()
+  matches = [_BOOKKEEPING_LINE.match(line) for line in lines]
+  macros = {m.group(3) for m in matches if m and m.group(3)}
+  macro_line = re.compile(r"^(%s) = " % "|".join(macros)) if macros else None
+  return [line for line, m in zip(lines, matches) if not m and not (
+      macro_line and macro_line.match(line))]
+
+
+def config_difference(stored: str, new: str, limit: int = 12) -> str:
+  """The changed comparable lines, `-` stored and `+` new, one a line."""
+  changed = [line for line in difflib.unified_diff(
+      comparable_config(stored), comparable_config(new), lineterm="", n=0)
+             if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+  more = len(changed) - limit
+  return "\n".join(changed[:limit] + ([f"... {more} more"] if more > 0
+                                       else []))
 
 
 def steps(model_dir: str | Path) -> list[int]:
@@ -99,6 +134,22 @@ def restore_params(path: str | Path, step: Optional[int] = None,
   return restored["params"]
 
 
+def _restore_failure(model_dir: Path, step: int, saved: list[int],
+                     error: Exception) -> str:
+  """Says which checkpoint failed, why (the first line of `error`), and
+  how to fall back to the previous one."""
+  step_dir = model_dir / CHECKPOINTS_DIR / str(step)
+  cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  earlier = [s for s in saved if s < step]
+  fallback = (f"delete it to resume from step {earlier[-1]}: rm -r {step_dir}"
+              if earlier else f"no earlier checkpoint remains in "
+              f"{model_dir / CHECKPOINTS_DIR}")
+  return (f"checkpoint of step {step} ({step_dir}) could not be restored: "
+          f"{type(error).__name__}: {cause[:300]}\nIf the config changed "
+          "(overwrite_config), the checkpoint does not fit this model; if "
+          f"the checkpoint is damaged (a truncated file), {fallback}")
+
+
 class Checkpointer:
   """Saves every `save_every` steps (asynchronously), keeps the last `keep`.
 
@@ -120,19 +171,36 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1; got keep={keep}")
     self.model_dir = Path(model_dir).resolve()
     self.model_dir.mkdir(parents=True, exist_ok=True)
+    self._config_text = config_text
     config_path = self.model_dir / CONFIG_FILE
-    if config_path.exists() and config_path.read_text() != config_text and (
-        not overwrite_config):
+    stored = config_path.read_text() if config_path.exists() else None
+    if stored is not None and not overwrite_config and (
+        comparable_config(stored) != comparable_config(config_text)):
       raise ValueError(
           f"{self.model_dir} holds a run with a different config "
-          f"({config_path}); use a new model directory or set "
-          "overwrite_config=True to continue from it anyway")
-    config_path.write_text(config_text)
+          f"({config_path}):\n{config_difference(stored, config_text)}\n"
+          "Use a new model directory, or bind "
+          "run.TrainConfig.overwrite_config=True to continue from it anyway")
+    self._config_committed = stored == config_text
     self._manager = ocp.CheckpointManager(
         self.model_dir / CHECKPOINTS_DIR,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save))
+
+  def commit_config(self) -> None:
+    """Writes config.gin (process 0 only; atomically, so another process
+    reading it sees the old text or the new one). Called once the run has
+    restored its state and finished a step."""
+    if self._config_committed:
+      return
+    self._config_committed = True
+    if jax.process_index() != 0:
+      return
+    config_path = self.model_dir / CONFIG_FILE
+    partial = config_path.with_name(f"{CONFIG_FILE}.{os.getpid()}.tmp")
+    partial.write_text(self._config_text)
+    os.replace(partial, config_path)
 
   def latest_step(self) -> Optional[int]:
     """The newest step this run's manager knows, a save in flight
@@ -156,7 +224,16 @@ class Checkpointer:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype,
                              sharding=getattr(x, "sharding", None)), target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self._manager.restore(step,
+                                   args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax and TensorStore raise many kinds
+      raise ValueError(_restore_failure(self.model_dir, step,
+                                        self.all_steps(), e)) from e
+
+  def delete(self, step: int) -> None:
+    """Deletes the checkpoint of `step`."""
+    self._manager.delete(step)
 
   def wait(self) -> None:
     """Blocks until background saves are on disk."""

@@ -11,7 +11,8 @@ Dimension names: B eval batch, Li input length, Lt target length, V vocab.
   target tokens), which SeqIO's score metrics (rank classification) use.
 
 `Evaluator.evaluate(params, step)` runs every task of a mixture, writes the
-metrics to MODEL_DIR/eval/metrics_<step>.json and TensorBoard
+metrics to MODEL_DIR/eval/metrics_<step>.json (metrics_<step>.<n>.json when
+that step was evaluated before: nothing is overwritten) and TensorBoard
 (MODEL_DIR/tensorboard/eval), and returns them.
 """
 
@@ -187,8 +188,9 @@ class Evaluator:
              step: int) -> None:
     out = self.model_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"metrics_{step}.json").write_text(
-        json.dumps({"step": step, "metrics": metrics}, indent=1))
+    record = {"step": step, "mixture": self.config.mixture_or_task_name,
+              "metrics": metrics}
+    _unused_path(out, step).write_text(json.dumps(record, indent=1))
     writer = tf.summary.create_file_writer(
         str(self.model_dir / TENSORBOARD_DIR / "eval"))
     with writer.as_default(step=step):
@@ -196,3 +198,14 @@ class Evaluator:
         for name, value in task_metrics.items():
           tf.summary.scalar(f"{task}/{name}", value)
     writer.flush()
+
+
+def _unused_path(out: Path, step: int) -> Path:
+  """eval/metrics_<step>.json, or metrics_<step>.<n>.json with the first
+  free n when that step was evaluated before (results are never
+  overwritten)."""
+  path, n = out / f"metrics_{step}.json", 0
+  while path.exists():
+    n += 1
+    path = out / f"metrics_{step}.{n}.json"
+  return path

@@ -3,11 +3,17 @@ TensorBoard event files.
 
 Only process 0 writes (every process computes the same replicated metrics).
 TensorBoard is written with `tf.summary`, imported when the logger is made.
+
+metrics.jsonl is flushed after every step, so every step up to the latest
+checkpoint is on disk whenever the process dies. A resumed run replaces
+the records of the steps it runs again (and a line cut short by a kill),
+so the file holds each step once, in order.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional
@@ -69,10 +75,10 @@ class MetricsLogger:
     self._last_time = None
     self._last_step = None
     self._jsonl = self._summary = None
+    self._path = Path(model_dir) / METRICS_FILE
     if self._writes:
       import tensorflow as tf  # only the logger needs it
       Path(model_dir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(Path(model_dir) / METRICS_FILE, "a")
       self._summary = tf.summary.create_file_writer(
           str(Path(model_dir) / TENSORBOARD_DIR / "train"))
       self._tf = tf
@@ -91,14 +97,16 @@ class MetricsLogger:
         rate["mfu"] = steps_per_s * self._flops_per_step / self._peak_flops
     if not self._writes:
       return
+    if self._jsonl is None:
+      self._jsonl = _open_before(self._path, step)
     record = {"step": step, **metrics, **rate}
     self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
     with self._summary.as_default(step=step):
       for name, value in record.items():
         if name != "step":
           self._tf.summary.scalar(name, value)
     if step % self._log_every == 0 or step == self._total_steps:
-      self._jsonl.flush()
       self._console(step, metrics, rate)
       self._last_time, self._last_step = now, step
 
@@ -119,5 +127,25 @@ class MetricsLogger:
 
   def close(self) -> None:
     if self._writes:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._summary.flush()
+
+
+def _open_before(path: Path, step: int):
+  """`path` opened for appending `step` and later, after dropping the
+  records of `step` and later and any line that is not a whole record."""
+  kept, changed = [], False
+  if path.exists():
+    for line in path.read_text().splitlines(keepends=True):
+      try:
+        keep = line.endswith("\n") and json.loads(line)["step"] < step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      kept += [line] if keep else []
+      changed |= not keep
+  if changed:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+  return open(path, "a")

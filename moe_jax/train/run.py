@@ -18,6 +18,7 @@ compiled); `train(run)` runs it. Python users can build a `Run` directly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Optional
 
@@ -72,6 +73,10 @@ class TrainConfig:
   peak_tflops_per_device: Optional[float] = None
 
   def __post_init__(self):
+    if not isinstance(self.model_dir, (str, os.PathLike)) or not str(
+        self.model_dir).strip():
+      raise ValueError("model_dir (MODEL_DIR) must name a directory; got "
+                       f"model_dir={self.model_dir!r}")
     knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
     for knob in ("num_steps", "save_every", "keep_checkpoints", "log_every"):
       if getattr(self, knob) < 1:
