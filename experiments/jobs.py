@@ -9,7 +9,6 @@ over the mixture's tasks and each task's score.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -69,10 +68,7 @@ def _model_dir(config: ExperimentConfig, job: Job) -> Path:
 def _with_eval_capacity(model, factor: Optional[float]):
   if factor is None:
     return model
-  moe = lambda m: None if m is None else dataclasses.replace(
-      m, eval_capacity_factor=factor)
-  return dataclasses.replace(model, encoder_moe=moe(model.encoder_moe),
-                             decoder_moe=moe(model.decoder_moe))
+  return model.with_moe_layers(eval_capacity_factor=factor)
 
 
 def build_run(config: ExperimentConfig, models: Models, job: Job):

@@ -79,12 +79,9 @@ def model_config(spec: ModelSpec, size_bindings: Sequence[str]
 
 def _with_widths(config: TransformerConfig, expert_width: Optional[int],
                  mlp_dim: Optional[int] = None) -> TransformerConfig:
-  def moe(m):
-    return None if m is None else dataclasses.replace(
-        m, expert_hidden_dim=expert_width)
   return dataclasses.replace(
-      config, mlp_dim=mlp_dim or config.mlp_dim,
-      encoder_moe=moe(config.encoder_moe), decoder_moe=moe(config.decoder_moe))
+      config.with_moe_layers(expert_hidden_dim=expert_width),
+      mlp_dim=mlp_dim or config.mlp_dim)
 
 
 def forward_flops(config: TransformerConfig,

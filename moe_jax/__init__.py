@@ -10,6 +10,7 @@ uses):
   D   model width; Dh the width of one attention head
   H   attention heads
   F   hidden width of an FFN or expert (d_ff)
+  I   in and O out width of one generic matmul (D and F, or F and D)
   V   vocabulary
   N   tokens routed by one MoE layer (B * L)
   G   token groups; routing, capacity and balancing are per group

@@ -37,7 +37,6 @@ import numpy as np
 from moe_jax import gin_utils
 from moe_jax.models import (Architecture, TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
-from moe_jax.moe.routers import ExpertChoiceRouter
 from moe_jax.param_paths import flat_params
 
 PARTS = ("embeddings", "attention", "dense_ffn", "experts", "routers",
@@ -64,10 +63,7 @@ def abstract_params(config: TransformerConfig) -> dict:
   Traced without a mesh, so the shard_map expert-parallel path (which needs
   one, and has the same parameters) is swapped for the single-device one.
   """
-  config = dataclasses.replace(config, **{
-      stack: dataclasses.replace(moe, expert_parallel=False)
-      for stack in ("encoder_moe", "decoder_moe")
-      if (moe := getattr(config, stack)) is not None})
+  config = config.with_moe_layers(expert_parallel=False)
   model = build_model(config)
   batch = dummy_batch(config, 1, 8, 8)
   shapes = jax.eval_shape(lambda: model.init(
@@ -110,10 +106,9 @@ class ModelCounts:
 
 def _expert_share(config: TransformerConfig, stack: str) -> float:
   """Experts a token of `stack` uses on average, divided by E."""
-  moe = config.moe(stack)
-  if isinstance(moe.router, ExpertChoiceRouter):
-    return min(moe.eval_capacity_factor, moe.num_experts) / moe.num_experts
-  return moe.router.capacity_multiplier / moe.num_experts
+  layer = config.moe(stack).layer
+  return layer.router.mean_experts_per_token(
+      layer.eval_capacity_factor, layer.num_experts) / layer.num_experts
 
 
 def count(config: TransformerConfig, input_length: int = 512,

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import gin
 
+from moe_jax import gin_upgrade
+
 GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
 _FLAG_PREFIX = "--gin."
 
@@ -37,8 +39,10 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   """Clears gin, then parses `files` in order and `bindings` last.
 
   Raises:
-    ValueError: no file given, a file missing, or gin's own error (unknown
-      configurable or parameter, bad value), with the file or binding named.
+    ValueError: no file given, a file missing, a file written for an older
+      moe_jax (with the command that updates it, `moe_jax.gin_upgrade`), or
+      gin's own error (unknown configurable or parameter, bad value), with
+      the file or binding named.
   """
   if not files:
     raise ValueError("give at least one --gin_file (e.g. "
@@ -48,7 +52,11 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
       raise ValueError(f"gin file not found: {name}")
   for name in files:
     path = Path(name) if Path(name).is_file() else GIN_ROOT.parent / name
-    check_module_paths(path.read_text(), str(path))
+    gin_upgrade.check(path.read_text(), str(path))
+  for binding in bindings:
+    why = gin_upgrade.reason(binding)
+    if why:
+      raise ValueError(f"--gin.{binding}: {why}")
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_ROOT.parent))
   gin.parse_config_files_and_bindings(list(files), list(bindings))
@@ -73,28 +81,3 @@ def check_macros_used(bindings: Sequence[str], config_text: str) -> None:
     hint = f"; did you mean {close[0]}?" if close else ""
     raise ValueError(f"--gin.{binding.strip()}: no binding uses the macro "
                      f"{name}{hint}")
-
-
-# Modules that moved into `moe_jax.moe` (routers under `moe_jax.moe.routers`);
-# a config.gin saved before the move still imports them.
-_MOVED_MODULES = re.compile(
-    r"^\s*(from moe_jax import (routing|routers|layers|dispatch|experts|"
-    r"expert_parallel|losses|capture|metric_names|upcycle)\b|"
-    r"from moe_jax\.(routing|routers|layers|dispatch|experts|expert_parallel|"
-    r"losses|capture|metric_names|upcycle)\b)", re.M)
-UPDATE_COMMAND = (
-    "sed -i -E 's/^from moe_jax import routing$/from moe_jax.moe import "
-    "routers/; s/(^|[^.[:alnum:]_])routing\\.(TokenChoiceRouter|"
-    "ExpertChoiceRouter)/\\1routers.\\2/g; s/^from moe_jax\\.routers "
-    "import/from moe_jax.moe.routers import/' CONFIG_GIN")
-
-
-def check_module_paths(text: str, source: str) -> None:
-  """Raises ValueError, with the command that fixes it, when gin text
-  imports a module from before the MoE core moved into `moe_jax.moe`."""
-  match = _MOVED_MODULES.search(text)
-  if match:
-    raise ValueError(
-        f"{source} imports {match.group(0).strip()!r}, a module that moved "
-        "into moe_jax.moe (routers: moe_jax.moe.routers); update the file "
-        "with\n  " + UPDATE_COMMAND.replace("CONFIG_GIN", source))

@@ -7,24 +7,7 @@ here, not at its callers.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
-
-
-def entered_mesh() -> Optional[jax.sharding.Mesh]:
-  """The mesh of the innermost `with mesh:` block, or None outside one.
-
-  `with mesh:` is deprecated since jax 0.10 in favour of `jax.set_mesh`, but
-  flax's logical axis rules still read it, so `moe_jax.partitioning` enters
-  it. jax 0.10-0.12 keep that mesh only in `jax._src.mesh.thread_resources`.
-  """
-  try:
-    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    mesh = mesh_lib.thread_resources.env.physical_mesh
-  except (ImportError, AttributeError):  # a jax without `with mesh:`
-    return None
-  return None if mesh.empty else mesh
 
 
 def coordination_client():

@@ -108,8 +108,12 @@ def shardings_for(abstract_tree: Any, mesh: Mesh,
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
-  """Applies `rules` and `mesh` while tracing `model.init` / `model.apply`."""
-  with mesh, nn.logical_axis_rules(rules):
+  """Applies `rules` and `mesh` while tracing `model.init` / `model.apply`.
+
+  The mesh is set with `jax.set_mesh`, which flax's logical constraints and
+  `moe_jax.moe.expert_parallel` read (as the abstract mesh while tracing).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 

@@ -59,3 +59,26 @@ def route_one_group(layer, params, x, mask=None, deterministic=True):
                            deterministic=deterministic,
                            rngs={"dropout": jax.random.PRNGKey(3)})
   return out.decision, capacity
+
+
+def router_layer(router, dispatch, num_experts, factor=0.5):
+  """A small MoeLayer around `router`: F = 8, relu, minimum capacity 1."""
+  return MoeLayer(num_experts=num_experts, expert_hidden_dim=8, router=router,
+                  dispatch=dispatch, train_capacity_factor=factor,
+                  min_expert_capacity=1, activation="relu")
+
+
+def assert_paths_agree(router, x, num_experts, token_ids=None,
+                       deterministic=False, factor=0.5):
+  """`router_layer` outputs <[B, L, D]> on the einsum and scatter paths are
+  equal (same weights, same dropout RNG); returns the einsum one."""
+  ids = {} if token_ids is None else {"token_ids": token_ids}
+  outs = []
+  for dispatch in ("einsum", "scatter"):
+    layer = router_layer(router, dispatch, num_experts, factor)
+    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True, **ids)
+    out, _ = layer.apply(params, x, deterministic=deterministic,
+                         rngs={"dropout": jax.random.PRNGKey(7)}, **ids)
+    outs.append(np.asarray(out))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+  return outs[0]

@@ -9,6 +9,7 @@ import pytest
 
 from moe_jax.models import (MoeConfig, TransformerConfig, build_model,
                             decoding)
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 
 VOCAB, EOS = 4, 1
@@ -106,9 +107,9 @@ def test_sampling_follows_the_model_distribution():
 
 
 def test_decoding_a_real_model_with_its_cache():
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2),
-                  num_experts=4, eval_capacity_factor=8.0,
-                  min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2), num_experts=4,
+      eval_capacity_factor=8.0, min_expert_capacity=1))
   config = TransformerConfig(
       vocab_size=20, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
       num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,

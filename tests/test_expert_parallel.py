@@ -34,10 +34,10 @@ def test_gin_file_turns_it_on_in_both_stacks():
   gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin",
                    "gin/partitioning/expert_parallel_shard_map.gin"], [])
   config = configured_model_config()
-  assert config.encoder_moe.expert_parallel
-  assert config.decoder_moe.expert_parallel
+  assert config.encoder_moe.layer.expert_parallel
+  assert config.decoder_moe.layer.expert_parallel
   gin_utils.parse(["gin/models/t5_1_1_tiny_moe.gin"], [])
-  assert not configured_model_config().encoder_moe.expert_parallel
+  assert not configured_model_config().encoder_moe.layer.expert_parallel
 
 
 @pytest.mark.parametrize("case", ["layer", "model"])

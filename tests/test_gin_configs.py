@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import gin
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import gin_utils, partitioning
+from moe_jax import gin_upgrade, gin_utils, partitioning
 from moe_jax.models import build_model, configured_model_config, dummy_batch
 from moe_jax.train import run
 
@@ -124,13 +125,40 @@ def test_run_files_build_a_run(path, tmp_path):
 def test_routing_file_changes_the_router():
   config = _config("gin/models/t5_1_1_tiny_moe.gin",
                    "gin/routing/expert_choice.gin")
-  assert type(config.encoder_moe.router).__name__ == "ExpertChoiceRouter"
-  assert type(config.decoder_moe.router).__name__ == "TokenChoiceRouter"
+  assert type(config.encoder_moe.layer.router).__name__ == "ExpertChoiceRouter"
+  assert type(config.decoder_moe.layer.router).__name__ == "TokenChoiceRouter"
   config = _config("gin/models/t5_1_1_tiny_moe.gin",
                    "gin/routing/gshard_top2.gin",
                    bindings=["NUM_EXPERTS = 4"])
-  assert config.encoder_moe.num_experts == 4
-  assert config.decoder_moe.router.second_expert_policy == "random"
+  assert config.encoder_moe.layer.num_experts == 4
+  assert config.decoder_moe.layer.router.second_expert_policy == "random"
+
+
+def test_layer_knobs_bind_for_both_stacks_or_one():
+  config = _config("gin/models/t5_1_1_tiny_moe.gin", bindings=[
+      "layer.MoeLayer.pad_to_group_size = True",
+      "encoder/layer.MoeLayer.train_capacity_factor = 3.0",
+      "decoder/layer.MoeLayer.param_dtype = 'bfloat16'",
+      "decoder/config.MoeConfig.extra_dense_ffn = True"])
+  encoder, decoder = config.moe_layer("encoder"), config.moe_layer("decoder")
+  assert encoder.pad_to_group_size and decoder.pad_to_group_size
+  assert (encoder.train_capacity_factor,
+          decoder.train_capacity_factor) == (3.0, 1.25)
+  assert jnp.dtype(encoder.param_dtype) == jnp.float32
+  assert jnp.dtype(decoder.param_dtype) == jnp.bfloat16
+  assert not config.encoder_moe.extra_dense_ffn
+  assert config.decoder_moe.extra_dense_ffn
+  # The model completes each stack's layer.
+  assert (encoder.causal, decoder.causal) == (False, True)
+  assert encoder.expert_hidden_dim == config.mlp_dim
+  assert encoder.activation == config.activation
+  model = build_model(config)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), **dummy_batch(config, 1, 8, 8),
+      enable_dropout=False))["params"]
+  moe = lambda stack: params[stack]["block_0"]["layer_1"]["moe"]
+  assert moe("encoder")["experts"]["wo"].value.dtype == jnp.float32
+  assert moe("decoder")["experts"]["wo"].value.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("arch, size", [
@@ -158,10 +186,18 @@ def test_bad_values_name_the_knob():
     _config("gin/models/t5_1_1_tiny_moe.gin", bindings=["SPARSE_EVERY = 3"])
   # expert_choice.gin makes ExpertChoiceRouter known to gin (a binding alone
   # names only configurables some parsed file referenced).
-  with pytest.raises(ValueError, match="decoder_moe.router"):
+  with pytest.raises(ValueError,
+                     match="decoder_moe.layer: router=ExpertChoiceRouter"):
     _config("gin/models/t5_1_1_tiny_moe.gin", "gin/routing/expert_choice.gin",
-            bindings=[
-        "decoder/config.MoeConfig.router = @decoder/routers.ExpertChoiceRouter()"])
+            bindings=["decoder/layer.MoeLayer.router = "
+                      "@decoder/routers.ExpertChoiceRouter()"])
+  with pytest.raises(ValueError, match="param_dtype must name a jax dtype"):
+    _config("gin/models/t5_1_1_tiny_moe.gin",
+            bindings=["layer.MoeLayer.param_dtype = 'float33'"])
+  with pytest.raises(ValueError, match="config.MoeConfig.num_experts, a knob "
+                     "of layer.MoeLayer now"):
+    _config("gin/models/t5_1_1_tiny_moe.gin",
+            bindings=["config.MoeConfig.num_experts = 4"])
   with pytest.raises(ValueError, match="gin file not found"):
     _config("gin/models/nope.gin")
 
@@ -171,16 +207,58 @@ def teardown_module():
 
 
 def test_config_saved_before_the_moe_package_says_how_to_update(tmp_path):
-  """A config.gin written before the MoE core moved into `moe_jax.moe` fails
-  with a command; running that command makes the file parse again."""
+  """A config.gin written before the MoE core moved into `moe_jax.moe` and
+  before the layer knobs moved to `layer.MoeLayer` fails with a command;
+  after that command the file gives the model the current gin files give
+  for the same settings."""
   saved = tmp_path / "config.gin"
   saved.write_text((Path(__file__).parent / "data" /
                     "config_before_moe_package.gin").read_text())
-  with pytest.raises(ValueError, match="moved into moe_jax.moe") as err:
+  with pytest.raises(ValueError, match="written for an older moe_jax") as err:
     gin_utils.parse([str(saved)])
   command = str(err.value).split("update the file with\n")[1].strip()
-  subprocess.run(command, shell=True, check=True)
+  assert command == f"python -m moe_jax.gin_upgrade {saved}"
+  subprocess.run(command.replace("python", sys.executable, 1), shell=True,
+                 check=True)
   config = _config(str(saved))
-  assert config.encoder_moe.num_experts == 8
-  assert type(config.encoder_moe.router).__name__ == "TokenChoiceRouter"
-  assert config.encoder_moe.router.num_selected_experts == 2
+  assert config.encoder_moe.layer.num_experts == 8
+  assert type(config.encoder_moe.layer.router).__name__ == "TokenChoiceRouter"
+  assert config.encoder_moe.layer.router.num_selected_experts == 2
+  # The run was gin/runs/mini_flan_cpu.gin: tiny MoE T5, ST-MoE routing.
+  current = _config("gin/models/t5_1_1_tiny_moe.gin", "gin/routing/st_moe.gin",
+                    bindings=["EMBED_DIM = 64", "MLP_DIM = 128",
+                              "NUM_HEADS = 4", "VOCAB_SIZE = 259"])
+  assert config == current
+  assert config.encoder_moe.extra_dense_ffn
+
+
+def test_upgrade_keeps_stacks_apart_and_reads_blocks():
+  """Scoped knobs stay with their stack; `config.MoeConfig:` blocks too."""
+  old = """from __gin__ import dynamic_registration
+from moe_jax.models import config
+from moe_jax.moe import routers
+include 'gin/models/arch/t5_1_1.gin'
+include 'gin/models/sizes/tiny.gin'
+config.TransformerConfig.encoder_moe = @encoder/config.MoeConfig()
+config.TransformerConfig.decoder_moe = @decoder/config.MoeConfig()
+config.MoeConfig:
+  num_experts = 4
+  sparse_every = 1
+encoder/config.MoeConfig.router = @encoder/routers.ExpertChoiceRouter()
+decoder/config.MoeConfig.router = @decoder/routers.TokenChoiceRouter()
+decoder/config.MoeConfig.train_capacity_factor = 3.0
+"""
+  assert "config.MoeConfig.num_experts" in gin_upgrade.reason(old)
+  new = gin_upgrade.upgrade(old)
+  assert gin_upgrade.reason(new) is None
+  gin.clear_config()
+  gin.add_config_file_search_path(str(GIN.parent))
+  gin.parse_config(new)
+  config = configured_model_config()
+  encoder, decoder = config.encoder_moe, config.decoder_moe
+  assert type(encoder.layer.router).__name__ == "ExpertChoiceRouter"
+  assert type(decoder.layer.router).__name__ == "TokenChoiceRouter"
+  assert (encoder.layer.num_experts, decoder.layer.num_experts) == (4, 4)
+  assert (encoder.layer.train_capacity_factor,
+          decoder.layer.train_capacity_factor) == (1.25, 3.0)
+  assert encoder.sparse_every == decoder.sparse_every == 1

@@ -48,7 +48,7 @@ def test_logits_equal_hf_and_round_trip(per_sequence):
   assert config.logits_via_embedding   # HF ties and scales by D^-0.5
   assert config.encoder_moe.sparse_every == 2
   assert config.decoder_moe.sparse_every == 2
-  assert Dispatch(config.encoder_moe.dispatch) == (
+  assert Dispatch(config.encoder_moe.layer.dispatch) == (
       Dispatch.SCATTER if per_sequence else Dispatch.DROPLESS)
   params = hf_switch.import_switch(model.state_dict(), config)
   enc, dec_in, dec_tgt = batch()

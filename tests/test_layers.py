@@ -240,11 +240,26 @@ def test_jit_and_grad_under_training_mode(path):
     (dict(activation="tanh"), "activation='tanh'"),
     (dict(num_experts=0), "num_experts=0"),
     (dict(router=TokenChoiceRouter(jitter_noise=1.5)), "jitter_noise=1.5"),
+    (dict(expert_hidden_dim=0), "expert_hidden_dim=0"),
+    (dict(param_dtype="float33"), "param_dtype='float33'"),
 ])
 def test_bad_knobs_fail_at_construction(kwargs, knob):
   base = dict(num_experts=4, expert_hidden_dim=8, router=TokenChoiceRouter())
   with pytest.raises(ValueError, match=knob.replace("(", r"\(")):
     MoeLayer(**{**base, **kwargs})
+
+
+def test_a_layer_on_its_own_needs_its_expert_width():
+  layer = MoeLayer(num_experts=4, router=TokenChoiceRouter())
+  with pytest.raises(ValueError, match="must set expert_hidden_dim"):
+    init(layer, inputs())
+
+
+def test_copies_check_their_knobs_again():
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8,
+                   router=ExpertChoiceRouter())
+  with pytest.raises(ValueError, match="causal=True"):
+    layer.clone(causal=True)
 
 
 def test_expert_choice_allowed_in_causal_stack_when_asked():

@@ -18,6 +18,7 @@ import tasks  # noqa: F401  (registers mini_flan)
 from moe_jax import gin_utils
 from moe_jax.main import main
 from moe_jax.models import MoeConfig, TransformerConfig
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import checkpoints
 from moe_jax.train import run as run_lib
@@ -47,8 +48,9 @@ def _clear_gin():
 
 
 def tiny_run(model_dir, num_steps, **train) -> run_lib.Run:
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2),
-                  num_experts=4, min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2), num_experts=4,
+      min_expert_capacity=1))
   model = TransformerConfig(
       vocab_size=259, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
       num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,

@@ -10,15 +10,16 @@ import pytest
 
 from moe_jax.models import (MoeConfig, TransformerConfig, build_model,
                             dummy_batch)
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 
 def tiny(**overrides):
   # Eval capacity factor 8: no token drops, so routing does not depend on
   # how tokens are grouped (full pass vs one decode step).
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2),
-                  num_experts=4, sparse_every=2, eval_capacity_factor=8.0,
-                  min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2), num_experts=4,
+      eval_capacity_factor=8.0, min_expert_capacity=1), sparse_every=2)
   fields = dict(vocab_size=50, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                 num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,
                 decoder_moe=moe)
@@ -214,10 +215,9 @@ def test_padding_does_not_change_real_positions():
 
 
 def test_mixtral_style_variant_runs_forward_and_backward():
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2,
-                                           renormalize_gates=True),
-                  num_experts=4, sparse_every=1, activation="swiglu",
-                  dispatch="dropless")
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2, renormalize_gates=True),
+      num_experts=4, activation="swiglu", dispatch="dropless"), sparse_every=1)
   config = tiny(architecture="decoder_only", num_encoder_layers=0,
                 encoder_moe=None, decoder_moe=moe, position_embedding="rope",
                 activation="swiglu", logits_via_embedding=True)
@@ -233,10 +233,13 @@ def test_mixtral_style_variant_runs_forward_and_backward():
 
 def test_bad_configs_fail_with_the_knob():
   with pytest.raises(ValueError, match="sparse_every=3"):
-    tiny(encoder_moe=MoeConfig(router=TokenChoiceRouter(), sparse_every=3))
-  with pytest.raises(ValueError, match="decoder_moe.router=ExpertChoiceRouter"):
-    tiny(decoder_moe=MoeConfig(router=ExpertChoiceRouter()))
-  tiny(encoder_moe=MoeConfig(router=ExpertChoiceRouter()))  # fine in encoder
+    tiny(encoder_moe=MoeConfig(layer=MoeLayer(router=TokenChoiceRouter()),
+                               sparse_every=3))
+  with pytest.raises(ValueError,
+                     match="decoder_moe.layer: router=ExpertChoiceRouter"):
+    tiny(decoder_moe=MoeConfig(layer=MoeLayer(router=ExpertChoiceRouter())))
+  # Fine in the encoder.
+  tiny(encoder_moe=MoeConfig(layer=MoeLayer(router=ExpertChoiceRouter())))
   with pytest.raises(ValueError, match="remat_policy='sometimes'"):
     tiny(remat_policy="sometimes")
   with pytest.raises(ValueError, match="num_encoder_layers=0"):

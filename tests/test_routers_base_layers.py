@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers.base_layers import (BaseLayerRouter, auction_assignment,
                                              balanced_assignment)
+from tests.layer_helpers import assert_paths_agree, router_layer
 
 NUM_EXPERTS = 4
 auction = jax.jit(auction_assignment, static_argnames=("eps_final",))
@@ -48,15 +48,8 @@ def test_balanced_assignment_is_the_optimal_balanced_one():
     assert optimum(slots) - got <= 8 * 1e-3 + 1e-5
 
 
-def make_layer(dispatch, factor=1.0):
-  return MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=8,
-                  router=BaseLayerRouter(), dispatch=dispatch,
-                  train_capacity_factor=factor, min_expert_capacity=1,
-                  activation="relu")
-
-
 def test_every_training_step_has_exactly_equal_loads():
-  layer = make_layer("scatter")
+  layer = router_layer(BaseLayerRouter(), "scatter", NUM_EXPERTS, factor=1.0)
   for seed in range(3):
     x = jax.random.normal(jax.random.PRNGKey(seed), (2, 16, 8)) + 2.0
     params = layer.init(jax.random.PRNGKey(seed), x, deterministic=True)
@@ -67,13 +60,6 @@ def test_every_training_step_has_exactly_equal_loads():
 
 def test_einsum_and_scatter_paths_agree():
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 16, 8))
-  outs = []
-  for dispatch in ("einsum", "scatter"):
-    layer = make_layer(dispatch)
-    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)
-    for deterministic in (False, True):
-      out, _ = layer.apply(params, x, deterministic=deterministic,
-                           rngs={"dropout": jax.random.PRNGKey(7)})
-      outs.append(np.asarray(out))
-  np.testing.assert_allclose(outs[0], outs[2], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(outs[1], outs[3], rtol=1e-5, atol=1e-6)
+  for deterministic in (False, True):
+    assert_paths_agree(BaseLayerRouter(), x, NUM_EXPERTS,
+                       deterministic=deterministic, factor=1.0)

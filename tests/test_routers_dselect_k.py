@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers.dselect_k import (DSelectKRouter, selector_distributions,
                                            smooth_step)
+from tests.layer_helpers import assert_paths_agree
 
 NUM_EXPERTS = 8
 
@@ -64,14 +64,4 @@ def test_bad_num_experts_is_refused():
 @pytest.mark.parametrize("per_example", [False, True])
 def test_einsum_and_scatter_paths_agree(per_example):
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 16, 8))
-  outs = []
-  for dispatch in ("einsum", "scatter"):
-    layer = MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=8,
-                     router=DSelectKRouter(per_example=per_example),
-                     dispatch=dispatch, train_capacity_factor=0.5,
-                     min_expert_capacity=1, activation="relu")
-    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)
-    out, _ = layer.apply(params, x, deterministic=False,
-                         rngs={"dropout": jax.random.PRNGKey(7)})
-    outs.append(np.asarray(out))
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+  assert_paths_agree(DSelectKRouter(per_example=per_example), x, NUM_EXPERTS)

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers.noisy_top_k import NoisyTopKRouter, smooth_load
+from tests.layer_helpers import assert_paths_agree
 
 NUM_EXPERTS = 4
 
@@ -123,14 +123,4 @@ def test_bad_k_is_refused(k):
 
 def test_einsum_and_scatter_paths_agree():
   x = skewed_tokens(seed=1, groups=1, tokens=16)
-  outs = []
-  for dispatch in ("einsum", "scatter"):
-    layer = MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=8,
-                     router=NoisyTopKRouter(num_selected_experts=2),
-                     dispatch=dispatch, train_capacity_factor=0.5,
-                     min_expert_capacity=1, activation="relu")
-    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)
-    out, _ = layer.apply(params, x, deterministic=False,
-                         rngs={"dropout": jax.random.PRNGKey(7)})
-    outs.append(np.asarray(out))
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+  assert_paths_agree(NoisyTopKRouter(num_selected_experts=2), x, NUM_EXPERTS)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import checkpoints, loop, objective, optimizers
 
@@ -20,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_model():
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2,
-                                           jitter_noise=0.1),
-                  num_experts=4, min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2, jitter_noise=0.1),
+      num_experts=4, min_expert_capacity=1))
   return build_model(TransformerConfig(
       vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
       num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1,

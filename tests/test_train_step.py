@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import objective, optimizers, step as train_step
 
 
 def tiny_model():
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=2),
-                  num_experts=4, train_capacity_factor=2.0,
-                  min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=2), num_experts=4,
+      train_capacity_factor=2.0, min_expert_capacity=1))
   return build_model(TransformerConfig(
       vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
       num_encoder_layers=2, num_decoder_layers=2, encoder_moe=moe,

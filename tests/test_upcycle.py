@@ -9,6 +9,7 @@ import pytest
 
 from moe_jax.train import upcycle
 from moe_jax.models import MoeConfig, TransformerConfig, build_model
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 
 DENSE = TransformerConfig(vocab_size=40, emb_dim=16, num_heads=2, head_dim=8,
@@ -17,10 +18,10 @@ DENSE = TransformerConfig(vocab_size=40, emb_dim=16, num_heads=2, head_dim=8,
 
 
 def sparse_config(renormalize=True, k=2):
-  moe = MoeConfig(router=TokenChoiceRouter(num_selected_experts=k,
-                                           renormalize_gates=renormalize),
-                  num_experts=4, eval_capacity_factor=8.0,
-                  min_expert_capacity=1)
+  moe = MoeConfig(layer=MoeLayer(
+      router=TokenChoiceRouter(num_selected_experts=k,
+                               renormalize_gates=renormalize),
+      num_experts=4, eval_capacity_factor=8.0, min_expert_capacity=1))
   return dataclasses.replace(DENSE, encoder_moe=moe, decoder_moe=moe)
 
 

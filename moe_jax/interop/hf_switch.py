@@ -32,6 +32,7 @@ from moe_jax.moe.dispatch import Dispatch
 from moe_jax.moe.experts import Activation
 from moe_jax.interop import hf_common
 from moe_jax.models.config import MoeConfig, TransformerConfig
+from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 
 _ACTIVATIONS = {"relu": Activation.RELU}
@@ -67,10 +68,10 @@ def _moe(hf_config: Any, every: Optional[int],
     grouping = dict(dispatch=Dispatch.SCATTER, max_group_size=length,
                     min_expert_capacity=capacity,
                     train_capacity_factor=factor, eval_capacity_factor=factor)
-  return MoeConfig(
+  return MoeConfig(layer=MoeLayer(
       router=TokenChoiceRouter(
           num_selected_experts=1, jitter_noise=hf_config.router_jitter_noise),
-      num_experts=experts, sparse_every=every, **grouping)
+      num_experts=experts, **grouping), sparse_every=every)
 
 
 def config_from_hf(hf_config: Any, *, encoder_length: Optional[int] = None,
@@ -119,18 +120,17 @@ def _pairs(config: TransformerConfig) -> Iterator[hf_common.Pair]:
     raise ValueError(f"activation must be relu (non-gated); got "
                      f"{config.activation}")
   for stack in ("encoder", "decoder"):
-    moe = config.moe(stack)
+    moe, layer = config.moe(stack), config.moe_layer(stack)
     if moe is None:
       continue
-    if moe.extra_dense_ffn or moe.expert_hidden_dim not in (None,
-                                                            config.mlp_dim):
+    if moe.extra_dense_ffn or layer.expert_hidden_dim != config.mlp_dim:
       raise ValueError(f"{stack}_moe: extra_dense_ffn and expert_hidden_dim "
                        "have no SwitchTransformers counterpart")
-    if moe.activation not in (None, config.activation):
-      raise ValueError(f"{stack}_moe.activation must equal activation")
-    if not isinstance(moe.router, TokenChoiceRouter):
-      raise ValueError(f"{stack}_moe.router must be a TokenChoiceRouter; got "
-                       f"{type(moe.router).__name__}")
+    if layer.activation != config.activation:
+      raise ValueError(f"{stack}_moe.layer.activation must equal activation")
+    if not isinstance(layer.router, TokenChoiceRouter):
+      raise ValueError(f"{stack}_moe.layer.router must be a TokenChoiceRouter; "
+                       f"got {type(layer.router).__name__}")
 
   def ffn(stack, i, ours, hf):
     if not hf_common.is_sparse(config, stack, i):
@@ -142,7 +142,7 @@ def _pairs(config: TransformerConfig) -> Iterator[hf_common.Pair]:
     for w in ("wi", "wo"):
       yield ours + ("moe", "experts", w), tuple(
           f"{hf}.mlp.experts.expert_{e}.{w}.weight"
-          for e in range(config.moe(stack).num_experts)), "t"
+          for e in range(config.moe(stack).layer.num_experts)), "t"
 
   return hf_common.pairs(config, ffn)
 

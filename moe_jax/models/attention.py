@@ -19,10 +19,46 @@ Array = jax.Array
 NEG_INF = -1e10  # additive bias that removes a key from the softmax
 
 
-# DenseGeneral initializes its kernel flattened to 2-D, so fan-in counts all
-# input axes (D for q/k/v, H * Dh for the output projection).
+# Drawn on the kernel flattened to 2-D [fan-in, fan-out], so fan-in counts
+# all contracted axes (D for q/k/v, H * Dh for the output projection).
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in",
                                                "truncated_normal")
+
+
+class Projection(nn.Module):
+  """x <[..., *in]> @ kernel <[*in, *features]>, without bias.
+
+  The kernel is declared at full rank with one logical name per axis, so its
+  sharding constraint holds under any active mesh. It is drawn from
+  KERNEL_INIT on the flat [prod(in), prod(features)] shape and reshaped,
+  which gives the values of `nn.DenseGeneral(features, axis=in axes)`.
+
+  Attributes:
+    features: output axes' sizes.
+    num_in: number of trailing input axes contracted.
+    names: logical names of the kernel's axes (in axes, then features).
+    dtype: computation dtype; the kernel is stored in float32.
+  """
+  features: tuple[int, ...]
+  num_in: int
+  names: tuple[str, ...]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.num_in:]
+    flat = (math.prod(in_shape), math.prod(self.features))
+
+    def init(rng, shape, dtype=jnp.float32):
+      return KERNEL_INIT(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel",
+                        nn.with_logical_partitioning(init, self.names),
+                        in_shape + tuple(self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)),
+                tuple(range(self.num_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool,
@@ -103,10 +139,8 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def _project(self, name: str, x: Array) -> Array:
-    return nn.DenseGeneral(
-        (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(
-            KERNEL_INIT, ("embed", "heads", "kv")), name=name)(x)
+    return Projection((self.num_heads, self.head_dim), 1,
+                      ("embed", "heads", "kv"), self.dtype, name=name)(x)
 
   @nn.compact
   def __call__(self, queries: Array, memory: Array, bias: Array, *,
@@ -140,10 +174,8 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    return nn.DenseGeneral(
-        queries.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(
-            KERNEL_INIT, ("heads", "kv", "embed")), name="out")(out)
+    return Projection((queries.shape[-1],), 2, ("heads", "kv", "embed"),
+                      self.dtype, name="out")(out)
 
   def _update_cache(self, k: Array, v: Array, index: Array):
     """Writes one step's k, v <[B, 1, H, Dh]> at slot `index` <int32>[B].

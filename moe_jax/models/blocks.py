@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from moe_jax.moe import metric_names
 from moe_jax.moe.experts import Activation, mlp
-from moe_jax.moe.layer import MoeLayer, MoeStats
+from moe_jax.moe.layer import MoeStats
 from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
                                       RelativePositionBias)
 from moe_jax.models.config import (PositionEmbedding, RematPolicy,
@@ -84,7 +84,7 @@ class LayerContext:
       self-attention (K = cache length when decoding).
     positions: <int32>[B, L] positions of the layer's tokens (rotary
       embeddings of queries and of the keys written this call).
-    moe_mask: <float32>[B, L] 1 for real tokens (routed), 0 for padding.
+    token_mask: <float32>[B, L] 1 for real tokens (routed), 0 for padding.
     token_ids: <int32>[B, L] token ids (hash routers).
     encoded: <[B, Le, D]> encoder output for cross-attention, or None.
     cross_bias: <float32>[B, 1, L, Le] cross-attention mask, or None.
@@ -92,7 +92,7 @@ class LayerContext:
   """
   self_bias: Array
   positions: Array
-  moe_mask: Array
+  token_mask: Array
   token_ids: Array
   encoded: Optional[Array] = None
   cross_bias: Optional[Array] = None
@@ -135,23 +135,9 @@ class TransformerLayer(nn.Module):
     stats = None
     moe = cfg.moe(self.stack)
     if self.sparse:
-      h, stats = MoeLayer(
-          num_experts=moe.num_experts,
-          expert_hidden_dim=moe.expert_hidden_dim or cfg.mlp_dim,
-          router=moe.router.clone(), dispatch=moe.dispatch,
-          grouped_matmul=moe.grouped_matmul,
-          train_capacity_factor=moe.train_capacity_factor,
-          eval_capacity_factor=moe.eval_capacity_factor,
-          min_expert_capacity=moe.min_expert_capacity,
-          max_group_size=moe.max_group_size,
-          activation=moe.activation or cfg.activation,
-          expert_dropout_rate=moe.expert_dropout_rate,
-          causal=self.stack == "decoder",
-          allow_expert_choice_in_causal=moe.allow_expert_choice_in_causal,
-          expert_parallel=moe.expert_parallel,
-          dtype=dtype, name="moe")(h, ctx.moe_mask,
-                                   deterministic=deterministic,
-                                   token_ids=ctx.token_ids)
+      h, stats = cfg.moe_layer(self.stack).copy(name="moe")(
+          h, ctx.token_mask, deterministic=deterministic,
+          token_ids=ctx.token_ids)
       x = residual(x, h)
       if moe.extra_dense_ffn:
         h = RMSNorm(dtype=dtype, name="pre_extra_mlp_norm")(x)
@@ -206,7 +192,7 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, positions: Array,
-               attention_mask: Array, token_ids: Array, moe_mask: Array,
+               attention_mask: Array, token_ids: Array, token_mask: Array,
                encoded: Optional[Array] = None,
                cross_mask: Optional[Array] = None, deterministic: bool,
                decode: bool = False, prefill_lengths: Optional[Array] = None
@@ -219,7 +205,7 @@ class Stack(nn.Module):
       attention_mask: <bool>[B, L, L] which keys each query may see (full
         pass); ignored for single-token decode steps, which see the cache up
         to their own slot.
-      token_ids, moe_mask: passed to MoE layers.
+      token_ids, token_mask: passed to MoE layers.
       encoded, cross_mask: encoder output and <bool>[B, L, Le] mask.
       decode: use and update the key/value cache. A call whose length equals
         the cache length (or that creates the cache) is a full pass that
@@ -236,11 +222,14 @@ class Stack(nn.Module):
     key_positions = positions
     if decode:
       step = self.variable("cache", "step", jnp.zeros, (batch,), jnp.int32)
-      # Its shape records the cache length: [cache length].
-      slots = self.variable("cache", "slots", jnp.arange, length)
+      # <int32>[B, cache length]: its shape records the cache length. Batch
+      # first like every cache entry, so beam search can repeat it per beam.
+      slots = self.variable(
+          "cache", "slots",
+          lambda: jnp.broadcast_to(jnp.arange(length), (batch, length)))
       if length == 1 and not self.is_initializing():
         decode_index = step.value
-        cache_length = slots.value.shape[0]
+        cache_length = slots.value.shape[1]
         # From the shape, not the values: callers may build the cache
         # abstractly and zero-fill it (moe_jax.train.evaluation does).
         key_positions = jnp.broadcast_to(jnp.arange(cache_length),
@@ -263,7 +252,7 @@ class Stack(nn.Module):
     cross_bias = (None if cross_mask is None else
                   jnp.where(cross_mask[:, None], 0.0, NEG_INF))
     ctx = LayerContext(self_bias=bias, positions=positions,
-                       moe_mask=moe_mask.astype(jnp.float32),
+                       token_mask=token_mask.astype(jnp.float32),
                        token_ids=token_ids, encoded=encoded,
                        cross_bias=cross_bias, decode_index=decode_index)
 

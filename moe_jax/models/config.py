@@ -2,7 +2,9 @@
 
 `TransformerConfig` describes a whole model; `MoeConfig` the sparse layers of
 one stack (encoder or decoder), so the two stacks can route differently
-(e.g. batch-prioritized routing or expert choice in the encoder only).
+(e.g. batch-prioritized routing or expert choice in the encoder only). The
+MoE layer's knobs are the fields of `moe_jax.moe.layer.MoeLayer`, held here
+as an unbound layer; `MoeConfig` adds only where the layers sit in a stack.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from typing import Optional
 import jax.numpy as jnp
 
 from moe_jax import knobs
-from moe_jax.moe.dispatch import Dispatch
 from moe_jax.moe.experts import Activation
-from moe_jax.moe.grouped_matmul import GroupedMatmul
-from moe_jax.moe.routing import Router
+from moe_jax.moe.layer import MoeLayer
 
 
 class Architecture(str, enum.Enum):
@@ -45,40 +45,21 @@ class MoeConfig:
   """The sparse layers of one stack.
 
   Attributes:
-    router: an unbound `moe_jax.moe.routing.Router`; every sparse layer gets its
-      own copy (own weights).
-    num_experts: E.
-    expert_hidden_dim: F per expert; None: the model's `mlp_dim`.
+    layer: an unbound `MoeLayer` holding the knobs of every sparse layer of
+      the stack; each sparse layer is a copy (own weights) that the model
+      completes (see `TransformerConfig.moe_layer`).
     sparse_every: the FFN of the last layer of every block of this many
       layers is an MoE layer (2: layers 1, 3, 5, ...; 1: every layer).
     extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
-    dispatch, grouped_matmul, train_capacity_factor, eval_capacity_factor,
-    min_expert_capacity, max_group_size, expert_dropout_rate: see
-      `moe_jax.moe.layer.MoeLayer`.
-    activation: expert activation; None: the model's FFN activation.
-    allow_expert_choice_in_causal, expert_parallel: see `MoeLayer`.
   """
-  router: Router
-  num_experts: int = 8
-  expert_hidden_dim: Optional[int] = None
+  layer: MoeLayer
   sparse_every: int = 2
   extra_dense_ffn: bool = False
-  dispatch: Dispatch = Dispatch.SCATTER
-  grouped_matmul: GroupedMatmul = GroupedMatmul.RAGGED_DOT
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  min_expert_capacity: int = 4
-  max_group_size: int = 4096
-  expert_dropout_rate: float = 0.0
-  activation: Optional[Activation] = None
-  allow_expert_choice_in_causal: bool = False
-  expert_parallel: bool = False
 
   def __post_init__(self):
-    if self.num_experts < 1:
-      raise ValueError(f"num_experts must be >= 1; got num_experts="
-                       f"{self.num_experts}")
-    self.router.validate(self.num_experts)
+    if not isinstance(self.layer, MoeLayer):
+      raise ValueError("layer must be a moe_jax.moe.layer.MoeLayer; got "
+                       f"layer={self.layer!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +145,10 @@ class TransformerConfig:
         raise ValueError(
             f"{stack}_moe.sparse_every={moe.sparse_every} must be >= 1 and "
             f"divide num_{stack}_layers={layers}")
-      if stack == "decoder" and moe.router.sees_whole_group and not (
-          moe.allow_expert_choice_in_causal):
-        raise ValueError(
-            f"decoder_moe.router={type(moe.router).__name__} looks at the "
-            "whole group and leaks future tokens in the causal decoder; use "
-            "token choice there or set "
-            "decoder_moe.allow_expert_choice_in_causal=True")
+      try:
+        self.moe_layer(stack)
+      except ValueError as err:
+        raise ValueError(f"{stack}_moe.layer: {err}") from None
 
   @property
   def activation_dtype(self):
@@ -187,3 +165,27 @@ class TransformerConfig:
 
   def moe(self, stack: str) -> Optional[MoeConfig]:
     return self.encoder_moe if stack == "encoder" else self.decoder_moe
+
+  def moe_layer(self, stack: str) -> Optional[MoeLayer]:
+    """The unbound sparse layer of `stack` as the model builds it.
+
+    `MoeConfig.layer` with the model's part filled in: causal in the
+    decoder, the model's activation dtype, and `mlp_dim` and the model's
+    activation where the layer leaves expert_hidden_dim / activation None.
+    Like every copy of a MoeLayer, it re-runs the layer's checks.
+    """
+    moe = self.moe(stack)
+    if moe is None:
+      return None
+    return moe.layer.clone(
+        causal=stack == "decoder", dtype=self.activation_dtype,
+        expert_hidden_dim=moe.layer.expert_hidden_dim or self.mlp_dim,
+        activation=moe.layer.activation or self.activation)
+
+  def with_moe_layers(self, **knobs) -> TransformerConfig:
+    """This config with `knobs` (MoeLayer fields) set in every stack's layer."""
+    def stack(moe):
+      return None if moe is None else dataclasses.replace(
+          moe, layer=moe.layer.clone(**knobs))
+    return dataclasses.replace(self, encoder_moe=stack(self.encoder_moe),
+                               decoder_moe=stack(self.decoder_moe))

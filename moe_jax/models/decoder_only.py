@@ -60,6 +60,6 @@ class DecoderOnly(nn.Module):
                            deterministic=not enable_dropout)
     x, stats = self.decoder(
         x, positions=positions, attention_mask=self_mask, token_ids=tokens,
-        moe_mask=real, deterministic=not enable_dropout, decode=decode,
+        token_mask=real, deterministic=not enable_dropout, decode=decode,
         prefill_lengths=prefill_lengths if prefill else None)
     return ModelOutput(self.embedder.logits(x), stats)

@@ -44,7 +44,7 @@ class EncoderDecoder(nn.Module):
         x, positions=masks.positions_or_default(encoder_input_tokens, encoder_positions),
         attention_mask=masks.attention_mask(real, real, encoder_segment_ids,
                                             encoder_segment_ids),
-        token_ids=encoder_input_tokens, moe_mask=real,
+        token_ids=encoder_input_tokens, token_mask=real,
         deterministic=not enable_dropout)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array,
@@ -74,7 +74,7 @@ class EncoderDecoder(nn.Module):
                            deterministic=not enable_dropout)
     x, stats = self.decoder(
         x, positions=masks.positions_or_default(tokens, decoder_positions),
-        attention_mask=self_mask, token_ids=tokens, moe_mask=real,
+        attention_mask=self_mask, token_ids=tokens, token_mask=real,
         encoded=encoded,
         cross_mask=masks.attention_mask(real, encoder_real,
                                         decoder_segment_ids,

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import jax_compat
 from moe_jax.axes import DATA, EXPERT, MODEL
 from moe_jax.moe.dispatch import DispatchPath
 from moe_jax.moe.experts import ExpertFns, Weights
@@ -49,16 +48,10 @@ def _weight_spec(name: str) -> P:
   return P(EXPERT, MODEL, None) if name == "wo" else P(EXPERT, None, MODEL)
 
 
-def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
-  """The mesh set by `jax.set_mesh`, else by `with mesh:` (empty if none).
-
-  `moe_jax.partitioning.axis_rules` uses `with mesh:` (the models' logical
-  constraints rely on it).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    mesh = jax_compat.entered_mesh() or mesh
-  return mesh
+def context_mesh() -> jax.sharding.AbstractMesh:
+  """The mesh set by `jax.set_mesh` (as `moe_jax.partitioning.axis_rules`
+  does); empty if none."""
+  return jax.sharding.get_abstract_mesh()
 
 
 def group_shards() -> int:

@@ -106,7 +106,7 @@ def _identity(h: Array) -> Array:
 
 
 def batched_matmul(x: Array, w: Array) -> Array:
-  """<[E, T, P]> x <[E, P, Q]> -> <[E, T, Q]>, one matmul per expert."""
+  """<[E, T, I]> x <[E, I, O]> -> <[E, T, O]>, one matmul per expert."""
   return jnp.einsum("etp,epq->etq", x, w)
 
 

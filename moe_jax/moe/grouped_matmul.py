@@ -5,9 +5,9 @@ matrix:
 
   out[m] = lhs[m] @ rhs[e(m)],  e(m) = the group row m falls in,
 
-with lhs <[M, P]>, rhs <[E, P, Q]>, group_sizes <int32>[E] (row counts, in
-order; empty groups allowed) and out <[M, Q]>. M sorted rows, E experts, P
-the contracted width, Q the output width. Rows past sum(group_sizes) belong
+with lhs <[M, I]>, rhs <[E, I, O]>, group_sizes <int32>[E] (row counts, in
+order; empty groups allowed) and out <[M, O]>. M sorted rows, E experts, I
+the contracted width, O the output width. Rows past sum(group_sizes) belong
 to no group and come out as 0 (expert parallelism relies on this).
 
 Every choice lives in its own module `moe_jax.moe.kernels.<value>` with a

@@ -67,10 +67,17 @@ class MoeStats:
 class MoeLayer(nn.Module):
   """Sparse mixture-of-experts feed-forward layer.
 
+  Its fields are the MoE knobs of the whole project: a model holds an unbound
+  MoeLayer per stack (`moe_jax.models.config.MoeConfig.layer`, bound in gin
+  as `layer.MoeLayer.*`) and builds each sparse layer as a copy of it
+  (`TransformerConfig.moe_layer`). A new knob is a field here plus its check
+  in `_validate`.
+
   Attributes:
-    num_experts: E.
-    expert_hidden_dim: F, hidden width of each expert.
     router: a `moe_jax.moe.routing.Router` (token choice, expert choice, ...).
+    num_experts: E.
+    expert_hidden_dim: F, hidden width of each expert; None: the model's
+      `mlp_dim` (filled in by the model; a layer used on its own must set it).
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
       `dropless` never drops a token (token choice only).
@@ -84,9 +91,11 @@ class MoeLayer(nn.Module):
       the mesh's data * expert devices (and S shrinks to match).
     pad_to_group_size: pad the last group when S does not divide B * L;
       otherwise that is an error.
-    activation: expert `Activation`.
+    activation: expert `Activation`; None: the model's FFN activation (filled
+      in by the model), gated_gelu for a layer used on its own.
     expert_dropout_rate: dropout inside the experts.
-    causal: the layer sits in a causal (autoregressive) stack.
+    causal: the layer sits in a causal (autoregressive) stack; a model sets
+      it for its decoder.
     allow_expert_choice_in_causal: permit routers that see the whole group
       (expert choice) in a causal stack despite the future-token leak.
     expert_parallel: run dispatch and experts inside `jax.shard_map` over
@@ -94,12 +103,13 @@ class MoeLayer(nn.Module):
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
       Same function either way; requires expert_dropout_rate=0.
-    dtype: activation dtype of the experts (router math is float32).
+    dtype: activation dtype of the experts (router math is float32); a
+      model sets its own activation dtype.
     param_dtype: dtype of the stored expert weights.
   """
-  num_experts: int
-  expert_hidden_dim: int
   router: Router
+  num_experts: int = 8
+  expert_hidden_dim: Optional[int] = None
   dispatch: Dispatch = Dispatch.SCATTER
   grouped_matmul: GroupedMatmul = GroupedMatmul.RAGGED_DOT
   train_capacity_factor: float = 1.25
@@ -107,7 +117,7 @@ class MoeLayer(nn.Module):
   min_expert_capacity: int = 4
   max_group_size: int = 4096
   pad_to_group_size: bool = False
-  activation: Activation = Activation.GATED_GELU
+  activation: Optional[Activation] = None
   expert_dropout_rate: float = 0.0
   causal: bool = False
   allow_expert_choice_in_causal: bool = False
@@ -124,12 +134,14 @@ class MoeLayer(nn.Module):
     if self.num_experts < 1:
       raise ValueError(f"num_experts must be >= 1; got num_experts="
                        f"{self.num_experts}")
-    if self.expert_hidden_dim < 1:
-      raise ValueError("expert_hidden_dim must be >= 1; got "
+    if self.expert_hidden_dim is not None and self.expert_hidden_dim < 1:
+      raise ValueError("expert_hidden_dim must be >= 1 (or None: the "
+                       "model's mlp_dim); got "
                        f"expert_hidden_dim={self.expert_hidden_dim}")
     dispatch = knobs.choice(Dispatch, "dispatch", self.dispatch)
     knobs.choice(GroupedMatmul, "grouped_matmul", self.grouped_matmul)
-    knobs.choice(Activation, "activation", self.activation)
+    if self.activation is not None:
+      knobs.choice(Activation, "activation", self.activation)
     if not isinstance(self.router, Router):
       raise ValueError(f"router must be a moe_jax.moe.routing.Router; got "
                        f"router={self.router!r}")
@@ -162,12 +174,28 @@ class MoeLayer(nn.Module):
           "the whole group, which leaks future tokens in a causal stack "
           "(causal=True); use token choice, or set "
           "allow_expert_choice_in_causal=True to accept the leak")
+    for knob in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, knob))
+      except TypeError:
+        raise ValueError(f"{knob} must name a jax dtype; got {knob}="
+                         f"{getattr(self, knob)!r}") from None
+
+  @property
+  def expert_activation(self) -> Activation:
+    """The experts' activation: `activation`, or gated_gelu (T5 v1.1) for a
+    layer used on its own with activation None."""
+    return Activation(self.activation or Activation.GATED_GELU)
 
   def setup(self):
+    if self.expert_hidden_dim is None:
+      raise ValueError(
+          "expert_hidden_dim=None means the model's mlp_dim; a MoeLayer used "
+          "outside a TransformerConfig must set expert_hidden_dim")
     self.experts = Experts(
         num_experts=self.num_experts,
         hidden_dim=self.expert_hidden_dim,
-        activation=self.activation,
+        activation=self.expert_activation,
         dtype=self.dtype,
         param_dtype=self.param_dtype)
     self.expert_dropout = nn.Dropout(self.expert_dropout_rate)
@@ -178,7 +206,7 @@ class MoeLayer(nn.Module):
               self.train_capacity_factor)
     return expert_capacity(group_size, self.num_experts, factor,
                            self.min_expert_capacity,
-                           self.router.capacity_multiplier)
+                           self.router.experts_per_token)
 
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                deterministic: bool = False,
@@ -232,7 +260,7 @@ class MoeLayer(nn.Module):
       run = expert_parallel.wrap(run, expert_parallel.check_mesh(
           self.num_experts, num_groups, self.expert_hidden_dim))
     experts = expert_fns(
-        self.experts(width), Activation(self.activation),
+        self.experts(width), self.expert_activation,
         grouped_matmul.resolve(self.grouped_matmul),
         lambda h: self.expert_dropout(h, deterministic=deterministic))
     out = run(tokens, routed.decision, self.num_experts, experts, capacity)

@@ -156,6 +156,8 @@ class Router(nn.Module):
     token_mask: <float32>[G, S] 1 for real tokens, 0 for padding,
     capacity: C, or None on the dropless path (no token dropped),
     token_ids: <int32>[G, S] vocabulary ids, for routers that use them.
+  Token-choice routers subclass `TokenChoiceRouterBase` instead and write
+  only their selection rule.
 
   Attributes:
     jitter_noise: multiplicative noise eps: in training the router input is
@@ -164,9 +166,18 @@ class Router(nn.Module):
   jitter_noise: float = 0.0
 
   @property
-  def capacity_multiplier(self) -> int:
-    """Assignments each token makes: the k in the capacity formula."""
+  def experts_per_token(self) -> int:
+    """k of the capacity formula C = k * capacity_factor * S / E: the
+    choices each token makes (1 for expert choice, whose C the capacity
+    factor sets alone)."""
     return 1
+
+  def mean_experts_per_token(self, capacity_factor: float,
+                             num_experts: int) -> float:
+    """Experts that process a token on average, ignoring drops (the expert
+    FLOPs of `moe_jax.flops`): its `experts_per_token` choices."""
+    del capacity_factor, num_experts
+    return self.experts_per_token
 
   @property
   def supports_dropless(self) -> bool:
@@ -192,6 +203,78 @@ class Router(nn.Module):
         self.make_rng("dropout"), x.shape, jnp.float32,
         minval=1.0 - self.jitter_noise, maxval=1.0 + self.jitter_noise)
     return x * noise
+
+
+def check_num_selected_experts(k: int, num_experts: int,
+                               most: Optional[int] = None) -> None:
+  """Raises ValueError unless 1 <= k <= most (default: num_experts)."""
+  most = num_experts if most is None else most
+  if not 1 <= k <= most:
+    bound = ("num_experts" if most == num_experts else
+             f"{most} = num_experts - {num_experts - most}")
+    raise ValueError(f"num_selected_experts must be in [1, {bound}] for "
+                     f"num_experts={num_experts}; got num_selected_experts={k}")
+
+
+@struct.dataclass
+class Selection:
+  """A token-choice router's K choices per token, before expert capacity.
+
+  Attributes:
+    expert_index: <int32>[G, S, K] chosen experts, first choice first.
+    gates: <float32>[G, S, K] combine weight of each choice.
+    wanted: <bool>[G, S, K] choices that compete for slots: real tokens,
+      less any choice the router skips (e.g. GShard's random second expert).
+    router_probs: <float32>[G, S, E] router probabilities (for inspection).
+    auxiliary_loss: scalar balancing loss; 0.0 for routers without one.
+    router_z_loss: scalar z-loss of the router logits; 0.0 without logits.
+    priority_order: <int32>[G, S] tokens in slot placement order, or None
+      for group order.
+  """
+  expert_index: Array
+  gates: Array
+  wanted: Array
+  router_probs: Array
+  auxiliary_loss: Array = 0.0
+  router_z_loss: Array = 0.0
+  priority_order: Optional[Array] = None
+
+
+class TokenChoiceRouterBase(Router):
+  """Base of routers where each token chooses its experts.
+
+  `__call__` jitters the input (float32), asks the subclass's `select` for
+  each token's choices, applies expert capacity (`token_choice_with_capacity`)
+  and returns the `RouterOutput`; a subclass writes only `select`.
+  """
+
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]) -> Selection:
+    """The choices of each token.
+
+    Args:
+      x: <float32>[G, S, D] jittered tokens.
+      token_mask: <float32>[G, S] 1 for real tokens, 0 for padding.
+      num_experts: E.
+      deterministic: evaluation mode (no randomness).
+      token_ids: <int32>[G, S] vocabulary ids, or None.
+    """
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
+               capacity: Optional[int], deterministic: bool,
+               token_ids: Optional[Array] = None) -> RouterOutput:
+    chosen = self.select(self.jitter(x, deterministic), token_mask,
+                         num_experts=num_experts, deterministic=deterministic,
+                         token_ids=token_ids)
+    decision = token_choice_with_capacity(
+        chosen.expert_index, chosen.gates, chosen.wanted, capacity,
+        num_experts, chosen.priority_order)
+    scalar = lambda loss: jnp.asarray(loss, jnp.float32)
+    return RouterOutput(decision, chosen.router_probs,
+                        scalar(chosen.auxiliary_loss),
+                        scalar(chosen.router_z_loss))
 
 
 def positions_in_experts(expert_index: Array, wanted: Array,

@@ -18,9 +18,16 @@ import functools
 import importlib
 from typing import Any
 
+import jax.numpy as jnp
+
 from moe_jax.moe import metric_names
 from moe_jax.t5x.losses import moe_loss_and_metrics
+from moe_jax.t5x.variables import t5x_variables
 from moe_jax.train import objective
+
+# T5X's base metrics that hold the optimized loss (the rest hold parts).
+_TOTAL_LOSS_METRICS = ("loss", "loss_per_nonpadding_target_token",
+                       "loss_per_all_target_tokens")
 
 _BASES = {"encoder_decoder": "EncoderDecoderModel",
           "decoder_only": "DecoderOnlyModel"}
@@ -68,6 +75,18 @@ def moe_model_class(kind: str) -> type:
   class MoeModel(base):
     """T5X model that trains the MoE routing losses too."""
 
+    def get_initial_variables(self, rng: Any, input_shapes: Any,
+                              input_types: Any = None) -> dict[str, Any]:
+      """T5X's initial variables, in T5X's layout (`t5x_variables`).
+
+      Token inputs default to int32: T5X's own default is float32 (t5x.eval
+      passes no types), which the embedding rejects.
+      """
+      types = {name: jnp.int32 for name in input_shapes}
+      types.update(input_types or {})
+      return t5x_variables(
+          super().get_initial_variables(rng, input_shapes, types))
+
     def __init__(
         self, *args,
         aux_loss_factor: float = objective.DEFAULT_AUX_LOSS_FACTOR,
@@ -94,10 +113,14 @@ def moe_model_class(kind: str) -> type:
           state.get(metric_names.INTERMEDIATES, {}),
           self.routing_loss.aux_loss_factor,
           self.routing_loss.router_z_loss_factor)
-      loss = loss + moe_loss
+      # T5X reports cross_ent_loss = loss - z_loss: the base metrics get
+      # the task loss, then the loss entries get the total.
       metrics = self._compute_metrics(
           logits=logits, targets=targets, mask=weights, loss=loss,
           z_loss=z_loss, segment_ids=_segment_ids(batch))
+      loss = loss + moe_loss
+      for name in _TOTAL_LOSS_METRICS:
+        metrics[name] = metrics[name].replace(total=loss)
       metrics.update({
           name: t5x_metrics.AveragePerStep.from_model_output(value)
           for name, value in moe_metrics.items()})

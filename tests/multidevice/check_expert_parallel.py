@@ -12,8 +12,7 @@ expert axis is a ValueError.
 
 from tests.multidevice import common  # first: checks XLA_FLAGS
 
-import dataclasses  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import sys
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 import flax.linen as nn
 import jax
@@ -53,9 +52,11 @@ class ModelCase:
   """A tiny sparse T5 (one MoE layer per stack), training loss."""
 
   def __init__(self, router, dispatch):
-    moe = MoeConfig(router=router(), num_experts=NUM_EXPERTS, sparse_every=1,
-                    dispatch=dispatch, max_group_size=4,
-                    min_expert_capacity=1, allow_expert_choice_in_causal=True)
+    moe = MoeConfig(layer=MoeLayer(router=router(), num_experts=NUM_EXPERTS,
+                                   dispatch=dispatch, max_group_size=4,
+                                   min_expert_capacity=1,
+                                   allow_expert_choice_in_causal=True),
+                    sparse_every=1)
     config = TransformerConfig(
         vocab_size=32, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
         num_encoder_layers=1, num_decoder_layers=1, encoder_moe=moe,
@@ -67,9 +68,7 @@ class ModelCase:
               "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
               "decoder_loss_weights": np.ones((8, 4), np.float32)}
     self.plain = build_model(config)
-    self.parallel = build_model(dataclasses.replace(
-        config, encoder_moe=dataclasses.replace(moe, expert_parallel=True),
-        decoder_moe=dataclasses.replace(moe, expert_parallel=True)))
+    self.parallel = build_model(config.with_moe_layers(expert_parallel=True))
     self.boxed = self.plain.init(jax.random.key(1), **model_inputs(self.x),
                                  enable_dropout=False)["params"]
 

@@ -11,7 +11,7 @@ Array = jax.Array
 
 
 def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-  """<[M, P]> rows sorted by group, <[E, P, Q]>, <int32>[E] -> <[M, Q]>."""
+  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>."""
   ends = jnp.cumsum(group_sizes)  # [E]
   # Row m is in group e when ends[e - 1] <= m < ends[e]; E past the last.
   group = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right")

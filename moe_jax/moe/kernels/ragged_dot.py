@@ -6,5 +6,5 @@ Array = jax.Array
 
 
 def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-  """<[M, P]> rows sorted by group, <[E, P, Q]>, <int32>[E] -> <[M, Q]>."""
+  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>."""
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -112,7 +111,7 @@ def balanced_assignment(logits: Array) -> Array:
   return slot // per_expert
 
 
-class BaseLayerRouter(routing.Router):
+class BaseLayerRouter(routing.TokenChoiceRouterBase):
   """Balanced assignment in training, greedy top-1 at eval; sigmoid gates.
 
   A token's training assignment depends on the whole group (later tokens
@@ -123,13 +122,11 @@ class BaseLayerRouter(routing.Router):
   def sees_whole_group(self) -> bool:
     return True
 
-  @nn.compact
-  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
-               capacity: Optional[int], deterministic: bool,
-               token_ids: Optional[Array] = None) -> routing.RouterOutput:
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]
+             ) -> routing.Selection:
     del token_ids
-    logits = routing.RouterWeights(num_experts, name="router_weights")(
-        self.jitter(x, deterministic))
+    logits = routing.RouterWeights(num_experts, name="router_weights")(x)
     tokens = logits.shape[1]
     if deterministic:
       expert = jnp.argmax(logits, axis=-1)
@@ -141,10 +138,6 @@ class BaseLayerRouter(routing.Router):
       expert = balanced_assignment(logits)
     expert_index = expert[..., None]  # [G, S, 1]
     score = jnp.take_along_axis(logits, expert_index, axis=-1)
-    gates = jax.nn.sigmoid(score)
-    wanted = token_mask[..., None] > 0
-    decision = routing.token_choice_with_capacity(
-        expert_index, gates, wanted, capacity, num_experts)
-    zero = jnp.zeros((), jnp.float32)
-    return routing.RouterOutput(decision, jax.nn.softmax(logits, -1), zero,
-                                zero)
+    return routing.Selection(expert_index, jax.nn.sigmoid(score),
+                             token_mask[..., None] > 0,
+                             jax.nn.softmax(logits, -1))

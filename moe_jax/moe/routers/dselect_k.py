@@ -56,7 +56,7 @@ def entropy(p: Array) -> Array:
   return -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=-1)
 
 
-class DSelectKRouter(routing.Router):
+class DSelectKRouter(routing.TokenChoiceRouterBase):
   """DSelect-k gate (static or per-example) as a K-way token choice.
 
   Attributes:
@@ -72,7 +72,7 @@ class DSelectKRouter(routing.Router):
   entropy_weight: float = 1e-3
 
   @property
-  def capacity_multiplier(self) -> int:
+  def experts_per_token(self) -> int:
     return self.num_selected_experts
 
   def validate(self, num_experts: int) -> None:
@@ -80,22 +80,18 @@ class DSelectKRouter(routing.Router):
     if num_experts < 2 or num_experts & (num_experts - 1):
       raise ValueError("DSelect-k needs num_experts a power of two >= 2; got "
                        f"num_experts={num_experts}")
-    if not 1 <= self.num_selected_experts <= num_experts:
-      raise ValueError(f"num_selected_experts must be in [1, {num_experts}]; "
-                       f"got num_selected_experts={self.num_selected_experts}")
+    routing.check_num_selected_experts(self.num_selected_experts, num_experts)
     if self.gamma <= 0:
       raise ValueError(f"gamma must be > 0; got gamma={self.gamma}")
     if self.entropy_weight < 0:
       raise ValueError(
           f"entropy_weight must be >= 0; got entropy_weight={self.entropy_weight}")
 
-  @nn.compact
-  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
-               capacity: Optional[int], deterministic: bool,
-               token_ids: Optional[Array] = None) -> routing.RouterOutput:
-    del token_ids
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]
+             ) -> routing.Selection:
+    del deterministic, token_ids
     k, m = self.num_selected_experts, int(np.log2(num_experts))
-    x = self.jitter(x, deterministic)
     code_init = nn.initializers.uniform(self.gamma)
     shifted = lambda key, shape, dtype: code_init(key, shape, dtype) - (
         self.gamma / 2)
@@ -118,7 +114,5 @@ class DSelectKRouter(routing.Router):
         jnp.sum(entropy(r), -1) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     gates, expert_index = jax.lax.top_k(q, k)
     wanted = jnp.broadcast_to(mask[..., None] > 0, expert_index.shape)
-    wanted = wanted & (gates > 0)
-    decision = routing.token_choice_with_capacity(
-        expert_index, gates, wanted, capacity, num_experts)
-    return routing.RouterOutput(decision, q, aux, jnp.zeros((), jnp.float32))
+    return routing.Selection(expert_index, gates, wanted & (gates > 0), q,
+                             auxiliary_loss=aux)

@@ -40,6 +40,11 @@ class ExpertChoiceRouter(Router):
   def sees_whole_group(self) -> bool:
     return True
 
+  def mean_experts_per_token(self, capacity_factor: float,
+                             num_experts: int) -> float:
+    # Each expert takes C = capacity_factor * S / E tokens (at most S).
+    return min(capacity_factor, num_experts)
+
   @nn.compact
   def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
                capacity: Optional[int], deterministic: bool,

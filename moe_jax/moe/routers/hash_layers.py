@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +133,7 @@ def dispersed_hash_table(embeddings: np.ndarray, num_experts: int,
   return tuple(int(e) for e in table)
 
 
-class HashRouter(routing.Router):
+class HashRouter(routing.TokenChoiceRouterBase):
   """Top-1 routing by a fixed token-id -> expert table; gate 1, no loss.
 
   Attributes:
@@ -164,20 +163,16 @@ class HashRouter(routing.Router):
       table = random_hash_table(self.vocab_size, num_experts, self.seed)
     return np.asarray(table, np.int32)
 
-  @nn.compact
-  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
-               capacity: Optional[int], deterministic: bool,
-               token_ids: Optional[Array] = None) -> routing.RouterOutput:
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]
+             ) -> routing.Selection:
     del x, deterministic
     if token_ids is None:
       raise ValueError("HashRouter needs token_ids; pass them to MoeLayer")
     table = jnp.asarray(self.expert_of(num_experts))
     expert_index = table[token_ids][..., None]  # [G, S, 1]
-    gates = jnp.ones(expert_index.shape, jnp.float32)
-    wanted = token_mask[..., None] > 0
-    decision = routing.token_choice_with_capacity(
-        expert_index, gates, wanted, capacity, num_experts)
     probs = jax.nn.one_hot(expert_index[..., 0], num_experts,
                            dtype=jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-    return routing.RouterOutput(decision, probs, zero, zero)
+    return routing.Selection(expert_index,
+                             jnp.ones(expert_index.shape, jnp.float32),
+                             token_mask[..., None] > 0, probs)

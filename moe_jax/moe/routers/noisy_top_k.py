@@ -55,7 +55,7 @@ def smooth_load(clean_logits: Array, noisy_logits: Array, noise_std: Array,
   return jnp.sum(prob * token_mask[..., None], axis=(0, 1))
 
 
-class NoisyTopKRouter(routing.Router):
+class NoisyTopKRouter(routing.TokenChoiceRouterBase):
   """Noisy top-K token choice with importance and load losses.
 
   Attributes:
@@ -69,26 +69,21 @@ class NoisyTopKRouter(routing.Router):
   batch_prioritized_routing: bool = False
 
   @property
-  def capacity_multiplier(self) -> int:
+  def experts_per_token(self) -> int:
     return self.num_selected_experts
 
   def validate(self, num_experts: int) -> None:
     super().validate(num_experts)
-    k = self.num_selected_experts
-    if not 1 <= k < num_experts:
-      raise ValueError(
-          f"num_selected_experts must be in [1, num_experts={num_experts}) "
-          f"for noisy top-k; got num_selected_experts={k}")
+    routing.check_num_selected_experts(self.num_selected_experts, num_experts,
+                                       most=num_experts - 1)
     if self.min_noise_std <= 0:
       raise ValueError(
           f"min_noise_std must be > 0; got min_noise_std={self.min_noise_std}")
 
-  @nn.compact
-  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
-               capacity: Optional[int], deterministic: bool,
-               token_ids: Optional[Array] = None) -> routing.RouterOutput:
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]
+             ) -> routing.Selection:
     del token_ids
-    x = self.jitter(x, deterministic)
     zeros = nn.initializers.zeros_init()
     clean = routing.RouterWeights(num_experts, kernel_init=zeros,
                                   name="gate_weights")(x)
@@ -112,13 +107,12 @@ class NoisyTopKRouter(routing.Router):
       load = jnp.sum((dense_gates > 0) * token_mask[..., None], axis=(0, 1))
     else:
       load = smooth_load(clean, noisy, noise_std, token_mask, k)
-    aux_loss = importance + losses.coefficient_of_variation_squared(load)
-    z_loss = losses.router_z_loss(noisy, token_mask)
-
-    wanted = jnp.broadcast_to(token_mask[..., None] > 0, expert_index.shape)
-    priority = None
-    if self.batch_prioritized_routing:
-      priority = jnp.argsort(-gates[..., 0], axis=-1)
-    decision = routing.token_choice_with_capacity(
-        expert_index, gates, wanted, capacity, num_experts, priority)
-    return routing.RouterOutput(decision, dense_gates, aux_loss, z_loss)
+    return routing.Selection(
+        expert_index, gates,
+        jnp.broadcast_to(token_mask[..., None] > 0, expert_index.shape),
+        dense_gates,
+        auxiliary_loss=importance + losses.coefficient_of_variation_squared(
+            load),
+        router_z_loss=losses.router_z_loss(noisy, token_mask),
+        priority_order=(jnp.argsort(-gates[..., 0], axis=-1) if
+                        self.batch_prioritized_routing else None))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import enum
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moe_jax.moe import losses
-from moe_jax.moe.routing import (RouterOutput, Router, RouterWeights,
-                                 token_choice_with_capacity)
+from moe_jax.moe.routing import (RouterWeights, Selection,
+                                 TokenChoiceRouterBase,
+                                 check_num_selected_experts)
 
 Array = jax.Array
 
@@ -33,7 +33,7 @@ class SecondExpertPolicy(str, enum.Enum):
   RANDOM = "random"
 
 
-class TokenChoiceRouter(Router):
+class TokenChoiceRouter(TokenChoiceRouterBase):
   """Top-K token choice: Switch (K=1), GShard (K=2), Mixtral (renormalized).
 
   Attributes:
@@ -54,28 +54,21 @@ class TokenChoiceRouter(Router):
   second_expert_threshold: float = 0.5
 
   @property
-  def capacity_multiplier(self) -> int:
+  def experts_per_token(self) -> int:
     return self.num_selected_experts
 
   def validate(self, num_experts: int) -> None:
     super().validate(num_experts)
-    k = self.num_selected_experts
-    if not 1 <= k <= num_experts:
-      raise ValueError(
-          f"num_selected_experts must be in [1, num_experts={num_experts}]; "
-          f"got num_selected_experts={k}")
+    check_num_selected_experts(self.num_selected_experts, num_experts)
     SecondExpertPolicy(self.second_expert_policy)
     if self.second_expert_threshold <= 0:
       raise ValueError("second_expert_threshold must be > 0; got "
                        f"second_expert_threshold={self.second_expert_threshold}")
 
-  @nn.compact
-  def __call__(self, x: Array, token_mask: Array, *, num_experts: int,
-               capacity: Optional[int], deterministic: bool,
-               token_ids: Optional[Array] = None) -> RouterOutput:
+  def select(self, x: Array, token_mask: Array, *, num_experts: int,
+             deterministic: bool, token_ids: Optional[Array]) -> Selection:
     del token_ids
-    logits = RouterWeights(num_experts, name="router_weights")(
-        self.jitter(x, deterministic))
+    logits = RouterWeights(num_experts, name="router_weights")(x)
     probs = jax.nn.softmax(logits, axis=-1)
     top_probs, expert_index = jax.lax.top_k(probs, self.num_selected_experts)
     normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
@@ -91,11 +84,10 @@ class TokenChoiceRouter(Router):
 
     expert_mask = jnp.sum(
         jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
-    aux_loss = losses.load_balancing_loss(probs, expert_mask, token_mask)
-    z_loss = losses.router_z_loss(logits, token_mask)
-
-    priority = (jnp.argsort(-top_probs[..., 0], axis=-1) if
-                self.batch_prioritized_routing else None)
-    decision = token_choice_with_capacity(expert_index, gates, wanted,
-                                          capacity, num_experts, priority)
-    return RouterOutput(decision, probs, aux_loss, z_loss)
+    return Selection(
+        expert_index, gates, wanted, probs,
+        auxiliary_loss=losses.load_balancing_loss(probs, expert_mask,
+                                                  token_mask),
+        router_z_loss=losses.router_z_loss(logits, token_mask),
+        priority_order=(jnp.argsort(-top_probs[..., 0], axis=-1) if
+                        self.batch_prioritized_routing else None))
