@@ -31,7 +31,7 @@ def test_a_macro_typo_names_the_closest_macro():
   flags = ["MODEL_DIR='/tmp/x'", "NUM_EXPERTS=4"]
   gin_utils.parse([RUN_FILE], flags)
   gin_utils.check_macros_used(flags, gin.config_str())
-  assert run_lib.configured_run().model.encoder_moe.num_experts == 4
+  assert run_lib.configured_run().model.encoder_moe.layer.num_experts == 4
 
 
 @pytest.mark.parametrize("value", ["''", "None", "'  '"])
