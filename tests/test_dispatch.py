@@ -88,7 +88,7 @@ def test_dispatch_gin_files_reach_both_stacks(path):
   config = _configured("gin/models/t5_1_1_tiny_moe.gin", path)
   default = _configured("gin/models/t5_1_1_tiny_moe.gin")
   for stack in ("encoder", "decoder"):
-    moe, plain = config.moe(stack), default.moe(stack)
+    moe, plain = config.moe(stack).layer, default.moe(stack).layer
     assert (moe.dispatch, moe.grouped_matmul) != (plain.dispatch,
                                                   plain.grouped_matmul)
     dispatch.Dispatch(moe.dispatch)
