@@ -3,7 +3,8 @@
 Files are given by path (e.g. gin/models/switch_base_8.gin); `include`
 statements inside them name paths from the repository root
 (`include 'gin/models/arch/t5_1_1.gin'`) and resolve from any working
-directory.
+directory. A file may be remote (gs://bucket/run/config.gin): gin reads
+URIs through etils.epath.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 import gin
+from etils import epath
 
-from moe_jax import gin_upgrade
+from moe_jax import gin_upgrade, paths
 
 GIN_ROOT = Path(__file__).resolve().parent.parent / "gin"
 _FLAG_PREFIX = "--gin."
@@ -48,10 +50,12 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     raise ValueError("give at least one --gin_file (e.g. "
                      "--gin_file=gin/models/t5_1_1_tiny_moe.gin)")
   for name in files:
-    if not Path(name).is_file() and not (GIN_ROOT.parent / name).is_file():
+    if not _local_or_remote(name).is_file() and not (
+        GIN_ROOT.parent / name).is_file():
       raise ValueError(f"gin file not found: {name}")
   for name in files:
-    path = Path(name) if Path(name).is_file() else GIN_ROOT.parent / name
+    path = _local_or_remote(name)
+    path = path if path.is_file() else GIN_ROOT.parent / name
     gin_upgrade.check(path.read_text(), str(path))
   for binding in bindings:
     why = gin_upgrade.reason(binding)
@@ -60,6 +64,20 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_ROOT.parent))
   gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+def _local_or_remote(name: str) -> Path | epath.Path:
+  """A gin file name as a path: epath for a URI, pathlib (relative to the
+  working directory) otherwise."""
+  return epath.Path(name) if paths.is_remote(name) else Path(name)
+
+
+def _is_remote_file(name: str) -> bool:
+  return paths.is_remote(name) and epath.Path(name).is_file()
+
+
+gin.config.register_file_reader(lambda name: epath.Path(name).open(),
+                                _is_remote_file)
 
 
 _MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")

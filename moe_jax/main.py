@@ -105,7 +105,8 @@ def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
   step = checkpoints.resolve_step(configured.train.model_dir)
   params = checkpoints.restore_params(configured.train.model_dir, step)
   evaluator = Evaluator(configured.eval, configured.model,
-                        configured.data.objective, configured.train.model_dir)
+                        configured.data.objective, configured.train.model_dir,
+                        configured.train.tensorboard)
   for task, values in evaluator.evaluate(params, step).items():
     print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gin
@@ -29,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from moe_jax.models import Architecture, TransformerConfig, build_model
 from moe_jax.models import decoding
+from moe_jax.paths import as_path
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
 from moe_jax.train.step import model_inputs
@@ -154,7 +155,8 @@ class Evaluator:
   """Evaluates params on `config.mixture_or_task_name` with SeqIO."""
 
   def __init__(self, config: EvalConfig, model_config: TransformerConfig,
-               objective: Objective, model_dir: Optional[str]):
+               objective: Objective, model_dir: Optional[str],
+               tensorboard: bool = True):
     if config.mixture_or_task_name is None:
       raise ValueError("EvalConfig.mixture_or_task_name is not set: name the "
                        "task or mixture to evaluate")
@@ -168,7 +170,8 @@ class Evaluator:
         sequence_length=dict(config.task_feature_lengths),
         num_examples=config.num_examples, use_memory_cache=False,
         async_compute_metrics=False)
-    self.model_dir = Path(model_dir) if model_dir else None
+    self.model_dir = as_path(model_dir) if model_dir else None
+    self._tensorboard = tensorboard
 
   def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
     """{task: {metric: value}}, also written to the model directory."""
@@ -191,6 +194,8 @@ class Evaluator:
     record = {"step": step, "mixture": self.config.mixture_or_task_name,
               "metrics": metrics}
     _unused_path(out, step).write_text(json.dumps(record, indent=1))
+    if not self._tensorboard:
+      return
     writer = tf.summary.create_file_writer(
         str(self.model_dir / TENSORBOARD_DIR / "eval"))
     with writer.as_default(step=step):
@@ -200,7 +205,7 @@ class Evaluator:
     writer.flush()
 
 
-def _unused_path(out: Path, step: int) -> Path:
+def _unused_path(out: epath.Path, step: int) -> epath.Path:
   """eval/metrics_<step>.json, or metrics_<step>.<n>.json with the first
   free n when that step was evaluated before (results are never
   overwritten)."""

@@ -13,12 +13,13 @@ so the file holds each step once, in order.
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 from typing import Mapping, Optional
 
 import jax
+from etils import epath
+
+from moe_jax.paths import as_path
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -52,18 +53,21 @@ class MetricsLogger:
   """`logger(step, metrics)` after every step; `logger.close()` at the end.
 
   Args:
-    model_dir: the run's directory (metrics.jsonl, tensorboard/train).
+    model_dir: the run's directory (metrics.jsonl, tensorboard/train), local
+      or remote.
     total_steps: the step the run ends at (for the ETA).
     tokens_per_step: target + input tokens of a global batch (tokens/s).
     flops_per_step: model FLOPs of one training step (forward + backward),
       counting only active experts, for MFU; None: no MFU.
     log_every: steps between console lines.
     peak_tflops_per_device: overrides `PEAK_TFLOPS`.
+    tensorboard: also write TensorBoard event files.
   """
 
   def __init__(self, model_dir: str, total_steps: int, tokens_per_step: int,
                flops_per_step: Optional[float], log_every: int = 10,
-               peak_tflops_per_device: Optional[float] = None):
+               peak_tflops_per_device: Optional[float] = None,
+               tensorboard: bool = True):
     self._writes = jax.process_index() == 0
     self._total_steps = total_steps
     self._tokens_per_step = tokens_per_step
@@ -75,12 +79,14 @@ class MetricsLogger:
     self._last_time = None
     self._last_step = None
     self._jsonl = self._summary = None
-    self._path = Path(model_dir) / METRICS_FILE
+    model_dir = as_path(model_dir)
+    self._path = model_dir / METRICS_FILE
     if self._writes:
-      import tensorflow as tf  # only the logger needs it
-      Path(model_dir).mkdir(parents=True, exist_ok=True)
+      model_dir.mkdir(parents=True, exist_ok=True)
+    if self._writes and tensorboard:
+      import tensorflow as tf  # only TensorBoard needs it
       self._summary = tf.summary.create_file_writer(
-          str(Path(model_dir) / TENSORBOARD_DIR / "train"))
+          str(model_dir / TENSORBOARD_DIR / "train"))
       self._tf = tf
 
   def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -102,10 +108,11 @@ class MetricsLogger:
     record = {"step": step, **metrics, **rate}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    with self._summary.as_default(step=step):
-      for name, value in record.items():
-        if name != "step":
-          self._tf.summary.scalar(name, value)
+    if self._summary is not None:
+      with self._summary.as_default(step=step):
+        for name, value in record.items():
+          if name != "step":
+            self._tf.summary.scalar(name, value)
     if step % self._log_every == 0 or step == self._total_steps:
       self._console(step, metrics, rate)
       self._last_time, self._last_step = now, step
@@ -129,10 +136,11 @@ class MetricsLogger:
     if self._writes:
       if self._jsonl is not None:
         self._jsonl.close()
-      self._summary.flush()
+      if self._summary is not None:
+        self._summary.flush()
 
 
-def _open_before(path: Path, step: int):
+def _open_before(path: epath.Path, step: int):
   """`path` opened for appending `step` and later, after dropping the
   records of `step` and later and any line that is not a whole record."""
   kept, changed = [], False
@@ -147,5 +155,5 @@ def _open_before(path: Path, step: int):
   if changed:
     partial = path.with_name(path.name + ".tmp")
     partial.write_text("".join(kept))
-    os.replace(partial, path)
-  return open(path, "a")
+    partial.replace(path)
+  return path.open("a")
