@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 
-import gin
 import numpy as np
 import pytest
 
 from tests import fake_gcs
 from tests.test_main_train import REPO, TASK, _cli
+from tests.test_main_train import _clear_gin  # noqa: F401 (autouse)
 
 pytest.importorskip("google.cloud.storage",
                     reason="orbax needs google-cloud-storage for gs://")
@@ -23,7 +23,6 @@ pytest.importorskip("google.cloud.storage",
 # parameters it restores to a local .npz.
 _CLIENT = """
 import json, sys
-import gin
 import numpy as np
 from tests import fake_gcs
 fake_gcs.register_filesystem()
@@ -41,13 +40,6 @@ np.savez(sys.argv[3], **flat_params(checkpoint.params))
 # the one writer left out here.
 _NO_TENSORBOARD = ["--gin.run.TrainConfig.tensorboard=False",
                    "--gin.run.TrainConfig.save_every=2"]
-
-
-@pytest.fixture(autouse=True)
-def _clear_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 @pytest.fixture
