@@ -16,6 +16,8 @@ setuptools.setup(
         "flax>=0.10",
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
+        "etils[epath]>=1.5",
+        "google-cloud-storage>=2.14",  # orbax on gs:// model directories
         "gin-config>=0.5",
         "numpy>=1.26",
         "seqio>=0.0.20",

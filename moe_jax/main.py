@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import gin
 import jax
 import numpy as np
 
@@ -74,18 +75,23 @@ def _configured(args: argparse.Namespace, bindings: list[str]):
   # directory) that they read only when a dataset is built.
   import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
   gin_utils.parse(args.gin_file, bindings)
+  gin_utils.check_macros_used(bindings, gin.config_str())
   from moe_jax.train import run
   return run.configured_run()
 
 
 def train(args: argparse.Namespace, bindings: list[str]) -> None:
-  """Trains the configured run and prints a summary."""
+  """Trains the configured run and prints a summary. A run stopped by a
+  signal exits with 128 + its number (143 for SIGTERM), as if killed by
+  it, so a scheduler tells preemption from completion."""
   from moe_jax.train import run as run_lib
   from moe_jax.train import summary
   configured = _configured(args, bindings)
   result = run_lib.train(configured)
   if jax.process_index() == 0:
     print(summary.format_summary(configured, result))
+  if result.loop.stop_signal is not None:
+    sys.exit(128 + result.loop.stop_signal)
 
 
 def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
@@ -99,7 +105,8 @@ def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
   step = checkpoints.resolve_step(configured.train.model_dir)
   params = checkpoints.restore_params(configured.train.model_dir, step)
   evaluator = Evaluator(configured.eval, configured.model,
-                        configured.data.objective, configured.train.model_dir)
+                        configured.data.objective, configured.train.model_dir,
+                        configured.train.tensorboard)
   for task, values in evaluator.evaluate(params, step).items():
     print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 

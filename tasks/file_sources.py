@@ -1,7 +1,9 @@
 """File sources (JSONL, TSV, TFRecord) for seqio, with precise errors.
 
-Files are read when a dataset is first requested; a malformed line raises a
-ValueError naming the file and the 1-based line (or record) number.
+Files are read when a dataset is first requested; a malformed line (bad
+columns, JSON or UTF-8) raises a ValueError naming the file and the 1-based
+line (or record) number, and a split file without examples one naming the
+file (an empty file would otherwise drop its task from a mixture: rate 0).
 """
 
 import json
@@ -16,37 +18,47 @@ from tasks import data_dir
 Example = Dict[str, str]
 
 
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line) of a UTF-8 text file."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        yield lineno, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
+                         f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
+                         "line)") from None
+
+
 def read_jsonl(path: str, fields: Sequence[str]) -> Iterator[Example]:
   """Yields {field: str} per non-empty line; every field must be present."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object")
-      missing = [k for k in fields if k not in record]
-      if missing:
-        raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-      yield {k: str(record[k]) for k in fields}
+  for lineno, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    missing = [k for k in fields if k not in record]
+    if missing:
+      raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+    yield {k: str(record[k]) for k in fields}
 
 
 def read_tsv(path: str, fields: Sequence[str]) -> Iterator[Example]:
   """Yields {field: str} per non-empty line of exactly len(fields) columns."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\n").rstrip("\r")
-      if not line:
-        continue
-      cols = line.split("\t")
-      if len(cols) != len(fields):
-        raise ValueError(f"{path}:{lineno}: expected {len(fields)} "
-                         f"tab-separated columns {list(fields)}, got "
-                         f"{len(cols)}")
-      yield dict(zip(fields, cols))
+  for lineno, line in _lines(path):
+    line = line.rstrip("\n").rstrip("\r")
+    if not line:
+      continue
+    cols = line.split("\t")
+    if len(cols) != len(fields):
+      raise ValueError(f"{path}:{lineno}: expected {len(fields)} "
+                       f"tab-separated columns {list(fields)}, got "
+                       f"{len(cols)}")
+    yield dict(zip(fields, cols))
 
 
 def read_tfrecord(path: str, fields: Sequence[str]) -> Iterator[Example]:
@@ -91,7 +103,12 @@ class FileDataSource(seqio.FunctionDataSource):
   def examples(self, split: str) -> List[Example]:
     rel = self._split_files[split]
     path = data_dir.require_file(rel, self._description)
-    return list(READERS[rel.rsplit(".", 1)[-1]](path, self._fields))
+    rows = list(READERS[rel.rsplit(".", 1)[-1]](path, self._fields))
+    if not rows:
+      raise ValueError(f"{path}: no examples in the {split!r} split of "
+                       f"{self._description}; the file is empty (a partial "
+                       "copy?). Copy it again, or leave its task out")
+    return rows
 
   def _dataset(self, split: str, shuffle_files: bool, seed=None
                ) -> tf.data.Dataset:

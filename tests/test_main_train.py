@@ -108,6 +108,12 @@ def test_train_eval_infer_commands(tmp_path, capsys):
   assert "run summary" in out and "cross entropy" in out
   evaluated = json.loads((model_dir / "eval" / "metrics_4.json").read_text())
   accuracy = evaluated["metrics"][TASK]["exact_match"]
+  # eval of the same step again: a new file, the first one kept.
+  main(["eval", *_cli(model_dir)])
+  assert json.loads((model_dir / "eval" / "metrics_4.json").read_text()
+                    ) == evaluated
+  assert json.loads((model_dir / "eval" / "metrics_4.1.json").read_text()
+                    )["metrics"] == evaluated["metrics"]
 
   # The saved config re-parses on its own and describes the same run.
   gin_utils.parse([str(model_dir / "config.gin")])
@@ -175,7 +181,7 @@ def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
   assert process.poll() is None, process.stdout.read()
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=120)[0]
-  assert process.returncode == 0, output
+  assert process.returncode == 128 + signal.SIGTERM, output
   last = json.loads(metrics.read_text().splitlines()[-1])["step"]
   assert checkpoints.resolve_step(model_dir) == last
   params = checkpoints.restore_params(model_dir)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from moe_jax import gin_utils
 from moe_jax.models import (TransformerConfig, build_model,
                             configured_model_config, dummy_batch)
 from moe_jax.param_paths import flat_params
+from moe_jax.paths import as_path
 from moe_jax.train import checkpoints
 
 
@@ -35,7 +36,7 @@ class Checkpoint:
     logical_axes: same tree as `params`, each leaf a tuple of logical axis
       names (e.g. ('expert', 'embed', 'expert_mlp')).
   """
-  model_dir: Optional[Path]
+  model_dir: Optional[epath.Path]
   step: int
   config: TransformerConfig
   model: nn.Module
@@ -62,7 +63,7 @@ def _logical_axes(boxed_params: Any) -> Any:
       boxed_params, is_leaf=is_boxed)
 
 
-def open_checkpoint(model_dir: str | Path, step: Optional[int] = None
+def open_checkpoint(model_dir: str | epath.PathLike, step: Optional[int] = None
                     ) -> Checkpoint:
   """Restores the parameters saved at `step` (default: the latest) onto
   the first device.
@@ -73,7 +74,7 @@ def open_checkpoint(model_dir: str | Path, step: Optional[int] = None
   Raises:
     ValueError: no config.gin, no checkpoint, or `step` not saved.
   """
-  model_dir = Path(model_dir).resolve()
+  model_dir = as_path(model_dir)
   config_path = model_dir / checkpoints.CONFIG_FILE
   if not config_path.is_file():
     raise ValueError(f"{model_dir} has no {checkpoints.CONFIG_FILE}; is it a "

@@ -14,6 +14,12 @@ land on its devices. So:
 * P processes together see exactly the examples one process sees with the
   same J, and no two processes read the same example.
 
+Resuming at step t costs O(1) in the input pipeline when the stream's
+position at t was saved (`save_position`, which `Checkpointer` calls with
+every checkpoint: the tf.data iterator state of each shard, shuffle buffer
+included): `restore_position` continues from there. Without a saved
+position the stream replays from step 0.
+
 Imports seqio and TensorFlow; the model code does not.
 """
 
@@ -21,12 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import tempfile
+from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from moe_jax import knobs
 
@@ -101,7 +110,7 @@ def feature_converter(objective: Objective, pack: bool
 
 
 def _shard_stream(config: DataConfig, shard: int, num_shards: int
-                  ) -> Iterator[Batch]:
+                  ) -> Iterator[Mapping[str, tf.Tensor]]:
   dataset = seqio.get_dataset(
       config.mixture_or_task_name,
       task_feature_lengths=dict(config.task_feature_lengths),
@@ -110,21 +119,24 @@ def _shard_stream(config: DataConfig, shard: int, num_shards: int
       shard_info=seqio.ShardInfo(shard, num_shards), seed=config.seed,
       use_cached=False, verbose=False)
   dataset = dataset.batch(config.batch_size // num_shards, drop_remainder=True)
-  return iter(dataset.as_numpy_iterator())
+  return iter(dataset)
 
 
 class BatchStream:
   """`stream(step)` -> this process's rows of the global batch of `step`.
 
   Steps are normally asked for in order; asking again for the last step
-  returns it without reading; asking for an earlier step (or starting after
-  a resume) replays the streams from the start and skips, so the answer
-  never depends on what was asked before.
+  returns it without reading; after `restore_position(t, ...)` step t is
+  read next without replaying; asking for an earlier step (or starting
+  after a resume without a saved position) replays the streams from the
+  start and skips, so the answer never depends on what was asked before.
   """
 
   def __init__(self, config: DataConfig, process_index: int = 0,
                process_count: int = 1):
     self.config = config
+    self._process_index = process_index
+    self._unsaveable = False
     num_shards = config.shards(process_count)
     per_process = num_shards // process_count
     self._shards = range(process_index * per_process,
@@ -153,8 +165,73 @@ class BatchStream:
       self._next_step += 1
       if self._next_step > step:
         break
-    self._last = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    self._last = {k: np.concatenate([p[k].numpy() for p in parts])
+                  for k in parts[0]}
     return self._last
+
+  def _position_file(self, directory: epath.Path) -> epath.Path:
+    return directory / f"process_{self._process_index}"
+
+  def save_position(self, step: int, directory: epath.Path) -> bool:
+    """Writes where the streams stand, if that is `step` (the next batch
+    is step's), as `directory`/process_<p>.{index,data-*} (any filesystem
+    epath reaches); returns whether it did. A pipeline tf.data cannot
+    checkpoint (a stateful `tf.py_function` or `from_generator` source) is
+    said once and not saved: its resumes replay."""
+    if self._streams is None or self._next_step != step or self._unsaveable:
+      return False
+    with tempfile.TemporaryDirectory() as local:
+      prefix = Path(local) / "position"
+      try:
+        tf.train.Checkpoint(**self._trackables()).write(str(prefix))
+      except tf.errors.FailedPreconditionError as e:
+        self._unsaveable = True
+        print(f"{self.config.mixture_or_task_name}: the data position "
+              "cannot be saved, so a resume replays the stream from step 0 "
+              f"({(str(e).strip().splitlines() or [''])[0][:200]})",
+              flush=True)
+        return False
+      directory.mkdir(parents=True, exist_ok=True)
+      for file in Path(local).iterdir():
+        name = file.name.replace("position", self._position_file(
+            directory).name, 1)
+        (directory / name).write_bytes(file.read_bytes())
+    return True
+
+  def restore_position(self, step: int, directory: epath.Path) -> bool:
+    """Continues the streams from the position `save_position(step,
+    directory)` wrote; returns False (leaving the stream to replay) when
+    there is none.
+
+    Raises:
+      ValueError: the saved position does not fit these streams (another
+        data config) or is damaged; names its files and the `rm -r` that
+        falls back to a replay.
+    """
+    base = self._position_file(directory)
+    files = list(directory.glob(base.name + ".*")) if directory.exists() else []
+    if not any(f.name.endswith(".index") for f in files):
+      return False
+    self._restart()
+    with tempfile.TemporaryDirectory() as local:
+      for file in files:
+        name = file.name.replace(base.name, "position", 1)
+        (Path(local) / name).write_bytes(file.read_bytes())
+      try:
+        tf.train.Checkpoint(**self._trackables()).read(
+            str(Path(local) / "position")).assert_consumed()
+      except (tf.errors.OpError, AssertionError, ValueError) as e:
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"the data position of step {step} ({base}.*) could not be "
+            f"restored: {type(e).__name__}: {cause}\nDelete it to replay "
+            f"the stream from step 0 instead: rm -r {directory}") from e
+    self._next_step, self._last = step, None
+    return True
+
+  def _trackables(self) -> dict[str, Iterator]:
+    return {f"shard_{j}": stream for j, stream in zip(self._shards,
+                                                      self._streams)}
 
 
 # Keep TF from grabbing accelerators that JAX uses.

@@ -12,7 +12,8 @@ Dimension names: B eval batch, Li input length, Lt target length, V vocab.
   target tokens), which SeqIO's score metrics (rank classification) use.
 
 `Evaluator.evaluate(params, step)` runs every task of a mixture, writes the
-metrics to MODEL_DIR/eval/metrics_<step>.json and TensorBoard
+metrics to MODEL_DIR/eval/metrics_<step>.json (metrics_<step>.<n>.json when
+that step was evaluated before: nothing is overwritten) and TensorBoard
 (MODEL_DIR/tensorboard/eval), and returns them.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import gin
@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from moe_jax.models import Architecture, TransformerConfig, build_model
 from moe_jax.models import decoding, generation
+from moe_jax.paths import as_path
 from moe_jax.train import eval_averages, eval_checks
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
@@ -157,7 +159,8 @@ class Evaluator:
   """Evaluates params on `config.mixture_or_task_name` with SeqIO."""
 
   def __init__(self, config: EvalConfig, model_config: TransformerConfig,
-               objective: Objective, model_dir: Optional[str]):
+               objective: Objective, model_dir: Optional[str],
+               tensorboard: bool = True):
     if config.mixture_or_task_name is None:
       raise ValueError("EvalConfig.mixture_or_task_name is not set: name the "
                        "task or mixture to evaluate")
@@ -173,7 +176,8 @@ class Evaluator:
         sequence_length=dict(config.task_feature_lengths),
         num_examples=config.num_examples, use_memory_cache=False,
         async_compute_metrics=False)
-    self.model_dir = Path(model_dir) if model_dir else None
+    self.model_dir = as_path(model_dir) if model_dir else None
+    self._tensorboard = tensorboard
 
   def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} and {"<mixture>/average": {metric: value}}
@@ -196,8 +200,11 @@ class Evaluator:
              step: int) -> None:
     out = self.model_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"metrics_{step}.json").write_text(
-        json.dumps({"step": step, "metrics": metrics}, indent=1))
+    record = {"step": step, "mixture": self.config.mixture_or_task_name,
+              "metrics": metrics}
+    _unused_path(out, step).write_text(json.dumps(record, indent=1))
+    if not self._tensorboard:
+      return
     writer = tf.summary.create_file_writer(
         str(self.model_dir / TENSORBOARD_DIR / "eval"))
     with writer.as_default(step=step):
@@ -205,3 +212,14 @@ class Evaluator:
         for name, value in task_metrics.items():
           tf.summary.scalar(f"{task}/{name}", value)
     writer.flush()
+
+
+def _unused_path(out: epath.Path, step: int) -> epath.Path:
+  """eval/metrics_<step>.json, or metrics_<step>.<n>.json with the first
+  free n when that step was evaluated before (results are never
+  overwritten)."""
+  path, n = out / f"metrics_{step}.json", 0
+  while path.exists():
+    n += 1
+    path = out / f"metrics_{step}.{n}.json"
+  return path

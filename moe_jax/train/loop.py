@@ -6,8 +6,11 @@ the optimizer state is checkpointed, so a run interrupted and resumed
 computes bit for bit what an uninterrupted run computes.
 
 SIGTERM / SIGINT (TPU preemption, Ctrl-C) finish the step in flight, save a
-checkpoint of it, and return. A non-finite loss stops the run before its
-state is saved, so the last checkpoint stays the last good one.
+checkpoint of it, and return. A non-finite loss stops the run: the state
+it produced is not saved, and the checkpoint of the parameters that gave
+the loss (saved a step earlier) is deleted, so the latest checkpoint left
+is the last good one. The run's config.gin is written after its first
+step (`Checkpointer.commit_config`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ Batch = Mapping[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the run stopped without saving."""
+  """The loss became NaN or infinite; the run stopped without saving, the
+  checkpoint of the parameters that gave the loss deleted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +47,33 @@ class LoopResult:
       of floats: per-expert loads), ...}.
     resumed_from: the checkpoint step the run resumed from (None: fresh).
     preempted: a signal stopped the run before `num_steps`.
+    stop_signal: the signal number that stopped it (None: not stopped).
   """
   state: TrainState
   history: list[dict]
   resumed_from: Optional[int]
   preempted: bool
+  stop_signal: Optional[int] = None
+
+
+class _StopRequest(threading.Event):
+  """Set by a stop signal; `signum` is the last one received."""
+  signum: Optional[int] = None
 
 
 @contextlib.contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
+def _stop_requests() -> Iterator[_StopRequest]:
   """An event set by SIGTERM or SIGINT while the block runs."""
-  requested = threading.Event()
+  requested = _StopRequest()
   if threading.current_thread() is not threading.main_thread():
     yield requested
     return
-  handler = lambda signum, frame: requested.set()
+
+  def handler(signum, frame):
+    del frame
+    requested.signum = signum
+    requested.set()
+
   previous = {s: signal.signal(s, handler)
               for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -109,7 +125,10 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
       logged, e.g. to evaluate every N steps.
 
   Raises:
-    NonFiniteLossError: with the step and the last good checkpoint.
+    NonFiniteLossError: with the step, the deleted checkpoint and the last
+      good one.
+    ValueError: the latest checkpoint cannot be restored (with its step
+      and what to delete to fall back).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got num_steps={num_steps}")
@@ -132,11 +151,9 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
       new_state, metrics = step_fn(state, batch_fn(step))
       scalars = _scalars(metrics)
       if not math.isfinite(scalars["loss"]):
-        checkpointer.wait()
-        raise NonFiniteLossError(
-            f"non-finite loss {scalars['loss']} at step {step + 1}; stopped "
-            "without saving it. The last good checkpoint is step "
-            f"{checkpointer.latest_step()} in {checkpointer.model_dir}")
+        raise NonFiniteLossError(_non_finite(checkpointer, step,
+                                             scalars["loss"]))
+      checkpointer.commit_config()
       state = new_state
       history.append({"step": step + 1, **scalars})
       if on_step is not None:
@@ -151,4 +168,23 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   if last_saved != int(state.step):
     checkpointer.save(int(state.step), state, force=True)
   checkpointer.wait()
-  return LoopResult(state, history, resumed_from, preempted)
+  return LoopResult(state, history, resumed_from, preempted,
+                    stop.signum if preempted else None)
+
+
+def _non_finite(checkpointer: Checkpointer, step: int, loss: float) -> str:
+  """Deletes the checkpoint of `step` (its parameters gave the non-finite
+  `loss` of step `step + 1`) if there is one, and says so, naming the
+  last good checkpoint."""
+  checkpointer.wait()
+  message = (f"non-finite loss {loss} at step {step + 1} (the loss of the "
+             f"parameters after step {step}); stopped without saving.")
+  if step in checkpointer.all_steps():
+    checkpointer.delete(step)
+    message += (f" Deleted checkpoint {step}, which holds those "
+                "parameters.")
+  good = checkpointer.latest_step()
+  where = checkpointer.model_dir
+  return message + (f" The last good checkpoint is step {good} in {where}"
+                    if good is not None else
+                    f" No good checkpoint is left in {where}")

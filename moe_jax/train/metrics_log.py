@@ -7,6 +7,11 @@ Routing health (`moe_jax.train.routing_monitor`) joins every record: load
 statistics per sparse layer, a TensorBoard histogram of each layer's
 per-expert load (one bucket per expert), a `routing:` console line, and
 warnings printed at once and stored under `routing_warnings`.
+
+metrics.jsonl is flushed after every step, so every step up to the latest
+checkpoint is on disk whenever the process dies. A resumed run replaces
+the records of the steps it runs again (and a line cut short by a kill),
+so the file holds each step once, in order.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Mapping, Optional
 
 import jax
+from etils import epath
 import numpy as np
 
+from moe_jax.paths import as_path
 from moe_jax.train import routing_monitor
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -53,19 +60,22 @@ class MetricsLogger:
   """`logger(step, metrics)` after every step; `logger.close()` at the end.
 
   Args:
-    model_dir: the run's directory (metrics.jsonl, tensorboard/train).
+    model_dir: the run's directory (metrics.jsonl, tensorboard/train), local
+      or remote.
     total_steps: the step the run ends at (for the ETA).
     tokens_per_step: target + input tokens of a global batch (tokens/s).
     flops_per_step: model FLOPs of one training step (forward + backward),
       counting only active experts, for MFU; None: no MFU.
     log_every: steps between console lines.
     peak_tflops_per_device: overrides `PEAK_TFLOPS`.
+    tensorboard: also write TensorBoard event files.
     monitor: thresholds of the routing warnings.
   """
 
   def __init__(self, model_dir: str, total_steps: int, tokens_per_step: int,
                flops_per_step: Optional[float], log_every: int = 10,
                peak_tflops_per_device: Optional[float] = None,
+               tensorboard: bool = True,
                monitor: routing_monitor.MonitorConfig = (
                    routing_monitor.MonitorConfig())):
     self._writes = jax.process_index() == 0
@@ -80,12 +90,14 @@ class MetricsLogger:
     self._last_step = None
     self._jsonl = self._summary = None
     self._monitor = routing_monitor.RoutingMonitor(monitor)
+    model_dir = as_path(model_dir)
+    self._path = model_dir / METRICS_FILE
     if self._writes:
-      import tensorflow as tf  # only the logger needs it
-      Path(model_dir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(Path(model_dir) / METRICS_FILE, "a")
+      model_dir.mkdir(parents=True, exist_ok=True)
+    if self._writes and tensorboard:
+      import tensorflow as tf  # only TensorBoard needs it
       self._summary = tf.summary.create_file_writer(
-          str(Path(model_dir) / TENSORBOARD_DIR / "train"))
+          str(model_dir / TENSORBOARD_DIR / "train"))
       self._tf = tf
 
   def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -102,6 +114,8 @@ class MetricsLogger:
         rate["mfu"] = steps_per_s * self._flops_per_step / self._peak_flops
     if not self._writes:
       return
+    if self._jsonl is None:
+      self._jsonl = _open_before(self._path, step)
     report = self._monitor(step, metrics)
     metrics = {**metrics, **report.metrics}
     record = {"step": step, **metrics, **rate}
@@ -110,16 +124,17 @@ class MetricsLogger:
           {**dataclasses.asdict(w), "message": w.message}
           for w in report.warnings]
     self._jsonl.write(json.dumps(record) + "\n")
-    with self._summary.as_default(step=step):
-      for name, value in {**metrics, **rate}.items():
-        if isinstance(value, list):
-          self._histogram(name, value)
-        else:
-          self._tf.summary.scalar(name, value)
+    self._jsonl.flush()
+    if self._summary is not None:
+      with self._summary.as_default(step=step):
+        for name, value in {**metrics, **rate}.items():
+          if isinstance(value, list):
+            self._histogram(name, value)
+          else:
+            self._tf.summary.scalar(name, value)
     for warning in report.warnings:
       print(f"WARNING routing: {warning.message}", flush=True)
     if step % self._log_every == 0 or step == self._total_steps:
-      self._jsonl.flush()
       self._console(step, metrics, rate)
       self._last_time, self._last_step = now, step
 
@@ -154,5 +169,26 @@ class MetricsLogger:
 
   def close(self) -> None:
     if self._writes:
-      self._jsonl.close()
-      self._summary.flush()
+      if self._jsonl is not None:
+        self._jsonl.close()
+      if self._summary is not None:
+        self._summary.flush()
+
+
+def _open_before(path: epath.Path, step: int):
+  """`path` opened for appending `step` and later, after dropping the
+  records of `step` and later and any line that is not a whole record."""
+  kept, changed = [], False
+  if path.exists():
+    for line in path.read_text().splitlines(keepends=True):
+      try:
+        keep = line.endswith("\n") and json.loads(line)["step"] < step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      kept += [line] if keep else []
+      changed |= not keep
+  if changed:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)
+  return path.open("a")

@@ -18,6 +18,7 @@ compiled); `train(run)` runs it. Python users can build a `Run` directly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Optional
 
@@ -42,7 +43,8 @@ from moe_jax.train.step import TrainState, model_inputs
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Attributes:
-    model_dir: checkpoints, config.gin, metrics.jsonl, TensorBoard, eval.
+    model_dir: checkpoints, config.gin, metrics.jsonl, TensorBoard, eval;
+      a local folder or a remote one (gs://bucket/run).
     num_steps: train until this many updates are done (resuming counts).
     save_every: steps between checkpoints.
     keep_checkpoints: how many checkpoints to keep.
@@ -61,6 +63,8 @@ class TrainConfig:
     peak_tflops_per_device: for MFU where the device kind is unknown.
     monitor: thresholds of the routing warnings
       (`routing_monitor.MonitorConfig`).
+    tensorboard: write TensorBoard event files (train and eval) beside
+      metrics.jsonl.
   """
   model_dir: str
   num_steps: int
@@ -78,8 +82,13 @@ class TrainConfig:
   async_checkpointing: bool = True
   peak_tflops_per_device: Optional[float] = None
   monitor: routing_monitor.MonitorConfig = routing_monitor.MonitorConfig()
+  tensorboard: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.model_dir, (str, os.PathLike)) or not str(
+        self.model_dir).strip():
+      raise ValueError("model_dir (MODEL_DIR) must name a directory; got "
+                       f"model_dir={self.model_dir!r}")
     knobs.choice(warm_start.InitMode, "init_mode", self.init_mode)
     knobs.choice(warm_start.CheckpointFormat, "init_format",
                  self.init_format)
@@ -221,19 +230,19 @@ def train(run: Run) -> TrainResult:
   cfg = run.train
   trainer = _Trainer(run)
   evaluator = (Evaluator(run.eval, run.model, run.data.objective,
-                         cfg.model_dir)
+                         cfg.model_dir, cfg.tensorboard)
                if run.eval and run.eval.mixture_or_task_name else None)
   distributed.barrier("moe_jax.train: start-up done")
   checkpointer = Checkpointer(cfg.model_dir, run.config_text, cfg.save_every,
                               cfg.keep_checkpoints, cfg.async_checkpointing,
-                              cfg.overwrite_config)
+                              cfg.overwrite_config, trainer.stream)
   tokens = run.data.batch_size * _tokens_per_example(run.data)
   lengths = run.data.task_feature_lengths
   counts = flops.count(run.model, lengths.get("inputs", 0), lengths["targets"])
   logger = MetricsLogger(cfg.model_dir, cfg.num_steps, tokens,
                          3 * counts.forward_flops * run.data.batch_size,
                          cfg.log_every, cfg.peak_tflops_per_device,
-                         cfg.monitor)
+                         cfg.tensorboard, cfg.monitor)
   eval_metrics = {}
 
   def evaluate(step: int, state: TrainState) -> None:
