@@ -10,6 +10,7 @@ from tasks import bbh
 from tasks import flan2022
 from tasks import mini_flan
 from tasks import mmlu
+from tasks import seqio_logging
 from tasks import vocab
 from tasks.lookup import get_mixture_or_task  # noqa: F401
 
@@ -31,3 +32,4 @@ def register_all() -> None:
 
 
 register_all()
+seqio_logging.install()
