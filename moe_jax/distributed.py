@@ -19,12 +19,18 @@ import os
 from typing import Mapping, Optional
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
-from moe_jax import jax_compat
+from moe_jax import jax_compat, knobs
 
 COORDINATOR_ADDRESS = "MOE_JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "MOE_JAX_NUM_PROCESSES"
 PROCESS_ID = "MOE_JAX_PROCESS_ID"
+# Seconds without a heartbeat after which the coordination service declares
+# a process lost and ends the others, naming it ("The following tasks are
+# unhealthy (stopped sending heartbeats): 1"); JAX's default is 100.
+HEARTBEAT_TIMEOUT_S = 20
 
 
 class Mode(str, enum.Enum):
@@ -56,17 +62,19 @@ class ProcessGroup:
 
 
 def initialize(mode: str = "none",
-               env: Optional[Mapping[str, str]] = None) -> None:
-  """Starts JAX's multi-process runtime for `mode` (see module docstring)."""
-  try:
-    mode = Mode(mode)
-  except ValueError:
-    raise ValueError(f"distributed must be one of {[m.value for m in Mode]}; "
-                     f"got distributed={mode!r}") from None
+               env: Optional[Mapping[str, str]] = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+  """Starts JAX's multi-process runtime for `mode` (see module docstring).
+
+  A process that dies (kill -9, a lost host) ends the others within about
+  `heartbeat_timeout_s` seconds, with a message naming it, instead of
+  leaving them blocked in a collective.
+  """
+  mode = knobs.choice(Mode, "distributed", mode)
   if mode == Mode.NONE:
     return
   if mode == Mode.AUTO:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     return
   group = ProcessGroup.from_env(os.environ if env is None else env)
   # CPU backends need a collectives library to talk across processes.
@@ -74,7 +82,8 @@ def initialize(mode: str = "none",
   jax.distributed.initialize(
       coordinator_address=group.coordinator_address,
       num_processes=group.num_processes,
-      process_id=group.process_id)
+      process_id=group.process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def barrier(name: str, timeout_s: int = 900) -> None:
@@ -87,3 +96,18 @@ def barrier(name: str, timeout_s: int = 900) -> None:
   if jax.process_count() == 1:
     return
   jax_compat.coordination_client().wait_at_barrier(name, timeout_s * 1000)
+
+
+def agreed_signal(signum: Optional[int]) -> Optional[int]:
+  """The stop signal of the job: the largest signal number any process has
+  received (`signum`: this process's, None if none), or None.
+
+  A collective: every process calls it at the same step, and all get the
+  same answer, so a signal seen by one host (a preempted TPU host) stops
+  every process at that step instead of leaving the others waiting in the
+  next step's collectives. Free for one process.
+  """
+  if jax.process_count() == 1:
+    return signum
+  seen = multihost_utils.process_allgather(np.int32(signum or 0))
+  return int(np.max(seen)) or None

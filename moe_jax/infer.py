@@ -18,31 +18,31 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import seqio
 
-from moe_jax.text import encode_texts
+from moe_jax.text import encode_texts, text_lines
 from moe_jax.train.evaluation import ModelFns
 
 
 def read_inputs(path: str) -> list[dict[str, Any]]:
-  """Records with an "inputs" string from a .jsonl file or a text file."""
+  """Records with an "inputs" string from a .jsonl file or a text file
+  (UTF-8; a bad line is a ValueError naming the file and line)."""
   file = Path(path)
   if not file.is_file():
     raise ValueError(f"input file not found: {path}")
   records = []
-  with file.open() as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      if file.suffix == ".jsonl":
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(
-            record.get("inputs"), str):
-          raise ValueError(f"{path}:{number}: needs a string field 'inputs'")
-        records.append(record)
-      else:
-        records.append({"inputs": line.rstrip("\n")})
+  for number, line in text_lines(path):
+    if not line.strip():
+      continue
+    if file.suffix == ".jsonl":
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+      if not isinstance(record, dict) or not isinstance(
+          record.get("inputs"), str):
+        raise ValueError(f"{path}:{number}: needs a string field 'inputs'")
+      records.append(record)
+    else:
+      records.append({"inputs": line.rstrip("\n")})
   return records
 
 

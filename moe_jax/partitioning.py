@@ -106,6 +106,22 @@ def shardings_for(abstract_tree: Any, mesh: Mesh,
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def check_divides(knob: str, value: int, logical_axis: str, mesh: Mesh,
+                  rules: LogicalRules) -> None:
+  """Checks that `value` (the size of an array dimension with logical axis
+  `logical_axis`, set by `knob`) splits evenly over the mesh axes that axis
+  maps to, so the error names the knob before anything compiles (instead
+  of JAX's IndivisibleError at the first step)."""
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  devices = math.prod(mesh.shape[a] for a in axes)
+  if value % devices:
+    raise ValueError(
+        f"{knob}={value} must be a multiple of {devices}: the '{logical_axis}'"
+        f" dimension is split over mesh axes {tuple(axes)} "
+        f"({', '.join(f'{a}={mesh.shape[a]}' for a in axes)})")
+
+
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
   """Applies `rules` and `mesh` while tracing `model.init` / `model.apply`.

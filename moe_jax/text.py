@@ -5,7 +5,7 @@ Dimension names: B texts, L length.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -17,6 +17,19 @@ class Vocabulary(Protocol):
   def encode(self, s: str) -> Sequence[int]: ...
 
   def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line) of a UTF-8 text file; invalid UTF-8 is a
+  ValueError naming the file, the line and the byte."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        yield lineno, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
+                         f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
+                         "line)") from None
 
 
 def encode_texts(texts: Sequence[str], vocabulary: Vocabulary,

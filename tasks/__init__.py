@@ -12,6 +12,7 @@ from tasks import heldout
 from tasks import mini_flan
 from tasks import mmlu
 from tasks import reasoning
+from tasks import seqio_logging
 from tasks import vocab
 from tasks.lookup import get_mixture_or_task  # noqa: F401
 
@@ -35,3 +36,4 @@ def register_all() -> None:
 
 
 register_all()
+seqio_logging.install()

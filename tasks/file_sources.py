@@ -13,26 +13,15 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import seqio
 import tensorflow as tf
 
+from moe_jax.text import text_lines
 from tasks import data_dir
 
 Example = Dict[str, str]
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-  """(1-based line number, line) of a UTF-8 text file."""
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      try:
-        yield lineno, raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
-                         f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
-                         "line)") from None
-
-
 def read_jsonl(path: str, fields: Sequence[str]) -> Iterator[Example]:
   """Yields {field: str} per non-empty line; every field must be present."""
-  for lineno, line in _lines(path):
+  for lineno, line in text_lines(path):
     if not line.strip():
       continue
     try:
@@ -49,7 +38,7 @@ def read_jsonl(path: str, fields: Sequence[str]) -> Iterator[Example]:
 
 def read_tsv(path: str, fields: Sequence[str]) -> Iterator[Example]:
   """Yields {field: str} per non-empty line of exactly len(fields) columns."""
-  for lineno, line in _lines(path):
+  for lineno, line in text_lines(path):
     line = line.rstrip("\n").rstrip("\r")
     if not line:
       continue

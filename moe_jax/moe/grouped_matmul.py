@@ -25,6 +25,8 @@ from typing import Callable
 
 import jax
 
+from moe_jax import knobs
+
 Array = jax.Array
 GroupedMatmulFn = Callable[[Array, Array, Array], Array]
 
@@ -43,5 +45,6 @@ class GroupedMatmul(str, enum.Enum):
 def resolve(choice: GroupedMatmul | str) -> GroupedMatmulFn:
   """The `grouped_matmul(lhs, rhs, group_sizes)` function of `choice`."""
   module = importlib.import_module(
-      f"moe_jax.moe.kernels.{GroupedMatmul(choice).value}")
+      "moe_jax.moe.kernels."
+      f"{knobs.choice(GroupedMatmul, 'grouped_matmul', choice).value}")
   return module.grouped_matmul

@@ -101,7 +101,7 @@ def feature_converter(objective: Objective, pack: bool
                       ) -> seqio.FeatureConverter:
   """The seqio converter for `objective` (model features as the models take
   them: T5X names, segment ids and positions when packed)."""
-  objective = Objective(objective)
+  objective = knobs.choice(Objective, "objective", objective)
   if objective == Objective.ENC_DEC:
     return seqio.EncDecFeatureConverter(pack=pack)
   if objective == Objective.PREFIX_LM:

@@ -6,7 +6,10 @@ the optimizer state is checkpointed, so a run interrupted and resumed
 computes bit for bit what an uninterrupted run computes.
 
 SIGTERM / SIGINT (TPU preemption, Ctrl-C) finish the step in flight, save a
-checkpoint of it, and return. A non-finite loss stops the run: the state
+checkpoint of it, and return. In a multi-process job the processes agree
+after every step on whether any of them got a signal
+(`distributed.agreed_signal`), so all stop and save at the same step even
+when only one host was signalled. A non-finite loss stops the run: the state
 it produced is not saved, and the checkpoint of the parameters that gave
 the loss (saved a step earlier) is deleted, so the latest checkpoint left
 is the last good one. The run's config.gin is written after its first
@@ -27,6 +30,7 @@ import jax
 import numpy as np
 import optax
 
+from moe_jax import distributed
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.step import TrainState, init_state, make_train_step
@@ -143,7 +147,7 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   step_fn = make_train_step(model, optimizer, loss_config,
                             jax.random.fold_in(key, 1), state_shardings)
   history = []
-  preempted = False
+  signum = None
   last_saved = resumed_from
   with _stop_requests() as stop:
     while int(state.step) < num_steps:
@@ -160,16 +164,16 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
         on_step(step + 1, scalars)
       if after_step is not None:
         after_step(step + 1, state)
-      if stop.is_set():
-        preempted = True
+      signum = distributed.agreed_signal(stop.signum)
+      if signum is not None:
         break
       if checkpointer.save(step + 1, state):
         last_saved = step + 1
   if last_saved != int(state.step):
     checkpointer.save(int(state.step), state, force=True)
   checkpointer.wait()
-  return LoopResult(state, history, resumed_from, preempted,
-                    stop.signum if preempted else None)
+  return LoopResult(state, history, resumed_from, signum is not None,
+                    signum)
 
 
 def _non_finite(checkpointer: Checkpointer, step: int, loss: float) -> str:

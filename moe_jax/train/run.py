@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from moe_jax import distributed, flops, knobs, partitioning
+from moe_jax.axes import Logical
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
 from moe_jax.train import eval_checks, loop, routing_monitor, warm_start
@@ -174,6 +175,15 @@ class _Trainer:
     self.optimizer = make_optimizer(run.optimizer)
     self.mesh = partitioning.make_mesh()
     self.rules = partitioning.logical_axis_rules()
+    partitioning.check_divides("BATCH_SIZE (data.DataConfig.batch_size)",
+                               run.data.batch_size, Logical.BATCH, self.mesh,
+                               self.rules)
+    for stack in ("encoder_moe", "decoder_moe"):
+      moe = getattr(run.model, stack)
+      if moe is not None:
+        partitioning.check_divides("NUM_EXPERTS (MoeLayer.num_experts)",
+                                   moe.layer.num_experts, Logical.EXPERT,
+                                   self.mesh, self.rules)
     self.stream = BatchStream(run.data, jax.process_index(),
                               jax.process_count())
     self.batch_sharding = nn.logical_to_mesh_sharding(

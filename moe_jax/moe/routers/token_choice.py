@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from moe_jax import knobs
 from moe_jax.moe import losses
 from moe_jax.moe.routing import (RouterWeights, Selection,
                                  TokenChoiceRouterBase,
@@ -60,7 +61,8 @@ class TokenChoiceRouter(TokenChoiceRouterBase):
   def validate(self, num_experts: int) -> None:
     super().validate(num_experts)
     check_num_selected_experts(self.num_selected_experts, num_experts)
-    SecondExpertPolicy(self.second_expert_policy)
+    knobs.choice(SecondExpertPolicy, "second_expert_policy",
+                 self.second_expert_policy)
     if self.second_expert_threshold <= 0:
       raise ValueError("second_expert_threshold must be > 0; got "
                        f"second_expert_threshold={self.second_expert_threshold}")

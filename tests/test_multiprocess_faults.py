@@ -1,0 +1,110 @@
+"""Faults of a real 2-process job (CPU collectives, 4 devices a process):
+a SIGTERM that reaches one process only, a process killed with kill -9, and
+reruns of the identical command into the same model directory."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch import local
+from launch.common import job_command
+from moe_jax.train import checkpoints
+from tests.test_multiprocess import (RUN_FLAGS, ROOT, _free_port, _losses,
+                                     _train_two_processes)
+
+STEPS = "--gin.TRAIN_STEPS=16"
+
+
+def _start(model_dir: Path, *flags: str) -> list[subprocess.Popen]:
+  """Starts the 2 processes of a training job; each writes its console to
+  model_dir.parent / f"{model_dir.name}.<process id>.log"."""
+  command = job_command(["train", *RUN_FLAGS, *flags,
+                         f"--gin.MODEL_DIR='{model_dir}'"], "env",
+                        python=sys.executable)
+  port = _free_port()
+  processes = []
+  for pid in range(2):
+    log = open(model_dir.parent / f"{model_dir.name}.{pid}.log", "w")
+    processes.append(subprocess.Popen(
+        command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **local.process_env(pid, 2, 4, port)}))
+  return processes
+
+
+def _log(model_dir: Path, pid: int) -> str:
+  return (model_dir.parent / f"{model_dir.name}.{pid}.log").read_text()
+
+
+def _wait_for_step(model_dir: Path, step: int, processes) -> None:
+  """Waits until metrics.jsonl holds `step`: both processes are training."""
+  deadline = time.monotonic() + 600
+  while time.monotonic() < deadline:
+    path = model_dir / "metrics.jsonl"
+    if path.exists() and step in _losses(model_dir):
+      return
+    assert all(p.poll() is None for p in processes), _log(model_dir, 0)
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} not logged in 600 s")
+
+
+def _stop(processes) -> None:
+  for p in processes:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def test_sigterm_to_one_process_stops_both_and_resumes_exactly(tmp_path):
+  pytest.importorskip("tasks")
+  reference, job = tmp_path / "reference", tmp_path / "job"
+  _train_two_processes(reference, STEPS)
+  processes = _start(job, STEPS)
+  try:
+    _wait_for_step(job, 3, processes)
+    processes[1].send_signal(signal.SIGTERM)  # one host preempted
+    codes = [p.wait(timeout=300) for p in processes]
+  finally:
+    _stop(processes)
+  # Both stop (no hang), exit as if killed by SIGTERM, and leave one
+  # checkpoint of the step they stopped at.
+  assert codes == [128 + signal.SIGTERM] * 2, _log(job, 0) + _log(job, 1)
+  stopped = max(_losses(job))
+  assert stopped < 16
+  assert checkpoints.steps(job)[-1] == stopped
+  assert "stopped early by a signal" in _log(job, 0)
+
+  # The identical command, 3 times: resumes, finishes, then finds it done;
+  # never refused as "a different config".
+  outs = [_train_two_processes(job, STEPS) for _ in range(3)]
+  assert f"resumed from step {stopped}" in outs[0]
+  assert all("resumed from step 16" in out for out in outs[1:])
+  want, got = _losses(reference), _losses(job)
+  assert sorted(got) == sorted(want) == list(range(1, 17))
+  np.testing.assert_array_equal([got[s] for s in want], list(want.values()))
+
+
+def test_killed_peer_ends_the_survivor_in_bounded_time(tmp_path):
+  pytest.importorskip("tasks")
+  job = tmp_path / "job"
+  processes = _start(job, "--gin.TRAIN_STEPS=100000")
+  try:
+    _wait_for_step(job, 3, processes)
+    processes[1].kill()
+    killed = time.monotonic()
+    code = processes[0].wait(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    _stop(processes)
+  out = _log(job, 0)
+  assert code != 0, out[-3000:]
+  assert waited < 60, out[-3000:]
+  # The coordination service names the lost process (task 1).
+  assert re.search(r"heartbeats\):\s*1\b|Task 1 heartbeat timeout", out), (
+      out[-3000:])
