@@ -84,3 +84,21 @@ def zero_past_groups(out: Array, group_sizes: Array) -> Array:
   """<[M, O]> with rows past sum(group_sizes) set to 0 (the contract)."""
   valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
   return jnp.where(valid[:, None], out, 0)
+
+
+
+def sum_to_vary_like(cotangent: Array, primal: Array) -> Array:
+  """A custom VJP's `cotangent`, summed over the `jax.shard_map` mesh axes
+  it varies over and `primal` does not (a weight shared by row shards gets
+  their summed gradient); a custom VJP must return its input's type.
+  No-op outside shard_map."""
+  extra = tuple(sorted(_varying(cotangent) - _varying(primal)))
+  return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+def _varying(x: Array) -> frozenset[str]:
+  """The shard_map mesh axes x varies over (jax 0.10: `aval.mat.varying`)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else
+                   getattr(aval, "vma", ()))

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe.grouped_matmul import sum_to_vary_like
+
 Array = jax.Array
 
 MAX_BLOCK_ROWS = 128
@@ -81,6 +83,14 @@ def _from_blocks(blocks: Array, where: Layout) -> Array:
   return flat.at[where.slot].get(mode="fill", fill_value=0)
 
 
+def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
+  """Zeros of `like`'s result dtype that vary over the mesh axes `like` do
+  (inside `jax.shard_map` a loop carry must keep its type)."""
+  dtype = jnp.result_type(*like)
+  return sum((jnp.zeros_like(x, dtype, shape=()) for x in like),
+             jnp.zeros(shape, dtype))
+
+
 def _per_block(x: Array, rhs: Array, where: Layout,
                transpose_rhs: bool) -> Array:
   """out[n] = x[n] @ rhs[e_n] (or its transpose) for the blocks in use.
@@ -97,7 +107,7 @@ def _per_block(x: Array, rhs: Array, where: Layout,
         preferred_element_type=out.dtype)
     return jax.lax.dynamic_update_index_in_dim(out, product, n, 0)
 
-  out = jnp.zeros(x.shape[:2] + (width,), jnp.result_type(x, rhs))
+  out = _zeros(x.shape[:2] + (width,), x, rhs)
   return jax.lax.fori_loop(0, where.num_blocks, body, out)
 
 
@@ -112,8 +122,7 @@ def _weight_grad(x: Array, grad: Array, where: Layout,
     return jax.lax.dynamic_update_index_in_dim(
         total, total[expert] + update, expert, 0)
 
-  total = jnp.zeros((num_groups, x.shape[2], grad.shape[2]),
-                    jnp.result_type(x, grad))
+  total = _zeros((num_groups, x.shape[2], grad.shape[2]), x, grad)
   return jax.lax.fori_loop(0, where.num_blocks, body, total)
 
 
@@ -134,7 +143,8 @@ def _blocked_bwd(rows, saved, grad):
   grad_rhs = _weight_grad(_to_blocks(lhs, where, rows), grad_blocks, where,
                           rhs.shape[0])
   no_grad = jax.tree.map(lambda _: None, where)
-  return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype), no_grad
+  return (sum_to_vary_like(grad_lhs.astype(lhs.dtype), lhs),
+          sum_to_vary_like(grad_rhs.astype(rhs.dtype), rhs), no_grad)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

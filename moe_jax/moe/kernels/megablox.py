@@ -17,7 +17,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe.grouped_matmul import zero_past_groups
+from moe_jax.moe.grouped_matmul import sum_to_vary_like, zero_past_groups
 
 Array = jax.Array
 # The package's `gmm` name is the differentiable op; the kernels live in
@@ -69,7 +69,8 @@ def _backward(saved, grad):
                            group_sizes, rhs.dtype, tiling,
                            num_actual_groups=rhs.shape[0],
                            interpret=_interpret())
-  return (zero_past_groups(grad_lhs[:lhs.shape[0]], group_sizes), grad_rhs,
+  grad_lhs = zero_past_groups(grad_lhs[:lhs.shape[0]], group_sizes)
+  return (sum_to_vary_like(grad_lhs, lhs), sum_to_vary_like(grad_rhs, rhs),
           None)
 
 
