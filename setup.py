@@ -29,6 +29,12 @@ setuptools.setup(
         "tensorboard>=2.16",
     ],
     extras_require={
+        # GPU grouped-matmul kernels (grouped_matmul='tokamax'); tokamax
+        # needs Python >= 3.12 and jax >= 0.11, so pip skips it on 3.11.
+        "tokamax": [
+            "tokamax; python_version >= '3.12'",
+            "jax>=0.11; python_version >= '3.12'",
+        ],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",

@@ -2,7 +2,7 @@
 
   python benchmarks/moe_layer.py [--quick] [--tokens 4096 --width 256
       --hidden 512 --experts 8 64 --k 1 2 --dtype bfloat16
-      --grouped_matmul ragged_dot dense] [--out r.json]
+      --grouped_matmul ragged_dot blocked] [--json r.json]
 
 For each (E, k) the dense baseline is a gated-gelu FFN with d_ff = k * f, so
 it does the same useful matmul work as k experts of width f per token. Every
@@ -10,14 +10,17 @@ variant is timed in the same run (median of --iters after a warm-up), and the
 table gives time, useful TFLOP/s (multiply-add = 2 FLOPs; forward+backward =
 3x forward), the ratio to dense, the fraction of tokens dropped, and the
 temporary memory XLA reserves for the compiled step (its peak activation
-footprint). The dropless path runs once per `--grouped_matmul` choice
-(variant `dropless` for the default alone, else `dropless/<choice>`).
+footprint). The dropless path runs once per `--grouped_matmul` choice,
+as variant `dropless/<choice>`; by default every implementation that runs
+natively on this backend (not `megablox` off TPU, where Pallas interprets
+it; not `tokamax` unless importable; not the E-times `dense` reference).
 A benchmark, not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -47,6 +50,34 @@ class DenseFFN(nn.Module):
                       name="experts")(x.shape[-1])
     return expert_fns(weights, Activation.GATED_GELU,
                       resolve(GroupedMatmul.RAGGED_DOT)).batched(x)
+
+
+class Floor(nn.Module):
+  """E experts on balanced buffers: <[1, T, D]> -> <[E, T k / E, D]>."""
+  num_experts: int
+  k: int
+  hidden: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    weights = Experts(num_experts=self.num_experts, hidden_dim=self.hidden,
+                      activation=Activation.GATED_GELU, dtype=self.dtype,
+                      name="experts")(x.shape[-1])
+    buffers = jnp.tile(x.reshape(-1, x.shape[-1]), (self.k, 1)).reshape(
+        self.num_experts, -1, x.shape[-1])
+    return expert_fns(weights, Activation.GATED_GELU,
+                      resolve(GroupedMatmul.RAGGED_DOT)).batched(buffers)
+
+
+def native_choices() -> list[str]:
+  """The grouped matmuls that run natively on this backend (see above)."""
+  skip = {GroupedMatmul.AUTO, GroupedMatmul.DENSE}
+  if jax.default_backend() != "tpu":
+    skip.add(GroupedMatmul.MEGABLOX)
+  if importlib.util.find_spec("tokamax") is None:
+    skip.add(GroupedMatmul.TOKAMAX)
+  return [m.value for m in GroupedMatmul if m not in skip]
 
 
 def _fwd_bwd(apply_fn, params, x):
@@ -90,10 +121,19 @@ def run(args) -> list[dict]:
                        dense_time, tflops=useful / dense_time / 1e12,
                        ratio=1.0, dropped=0.0,
                        temp_mib=_mib(_temp_bytes(step, dense_params, x))))
+      floor = Floor(experts, k, args.hidden, dtype)
+      floor_params = floor.init(key_p, flat)
+      step = _fwd_bwd(lambda p, v: floor.apply(
+          p, v.reshape(1, -1, v.shape[-1])), floor_params, x)
+      seconds = _time(step, floor_params, x, args.iters)
+      rows.append(dict(experts=experts, k=k, variant="floor", time_ms=1e3 *
+                       seconds, tflops=useful / seconds / 1e12,
+                       ratio=seconds / dense_time, dropped=0.0,
+                       temp_mib=_mib(_temp_bytes(step, floor_params, x))))
       token_choice = TokenChoiceRouter(num_selected_experts=k)
       variants = [(path.value, token_choice, path, GroupedMatmul.RAGGED_DOT)
                   for path in PATHS if path != Dispatch.DROPLESS]
-      variants += [(_dropless_name(matmul, args.grouped_matmul), token_choice,
+      variants += [(f"dropless/{matmul}", token_choice,
                     Dispatch.DROPLESS, GroupedMatmul(matmul))
                    for matmul in args.grouped_matmul]
       if k == 1:
@@ -118,22 +158,16 @@ def run(args) -> list[dict]:
   return rows
 
 
-def _dropless_name(matmul: str, chosen: list[str]) -> str:
-  """"dropless" when only the default grouped matmul runs."""
-  return ("dropless" if chosen == [GroupedMatmul.RAGGED_DOT.value] else
-          f"dropless/{matmul}")
-
-
 def _mib(num_bytes: int | None) -> float | None:
   return None if num_bytes is None else num_bytes / 2**20
 
 
 def print_table(rows: list[dict]) -> None:
-  print(f"{'E':>3} {'k':>2} {'variant':<22} {'ms':>9} {'TFLOP/s':>8} "
+  print(f"{'E':>3} {'k':>2} {'variant':<24} {'ms':>9} {'TFLOP/s':>8} "
         f"{'x dense':>8} {'dropped':>8} {'temp MiB':>9}")
   for r in rows:
     temp = "n/a" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"
-    print(f"{r['experts']:>3} {r['k']:>2} {r['variant']:<22} "
+    print(f"{r['experts']:>3} {r['k']:>2} {r['variant']:<24} "
           f"{r['time_ms']:9.2f} {r['tflops']:8.3f} {r['ratio']:8.2f} "
           f"{r['dropped']:8.3f} {temp:>9}")
 
@@ -149,15 +183,16 @@ def main() -> None:
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--group_size", type=int, default=4096)
   parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--grouped_matmul", nargs="+",
-                      default=[GroupedMatmul.RAGGED_DOT.value],
+  parser.add_argument("--grouped_matmul", nargs="+", default=None,
                       choices=[m.value for m in GroupedMatmul],
-                      help="grouped matmuls to time on the dropless path")
+                      help="grouped matmuls to time on the dropless path "
+                      "(default: those native to this backend)")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, for checking that the script runs")
-  parser.add_argument("--out", default=None, help="write the rows as JSON")
+  parser.add_argument("--json", default=None, help="write the rows as JSON")
   args = parser.parse_args()
+  args.grouped_matmul = args.grouped_matmul or native_choices()
   if args.quick:
     args.tokens, args.width, args.hidden, args.iters = 512, 64, 128, 2
     args.experts = [8]
@@ -166,8 +201,8 @@ def main() -> None:
         f"capacity factor {args.capacity_factor}  {args.dtype}")
   rows = run(args)
   print_table(rows)
-  if args.out:
-    with open(args.out, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind,
                  "jax": jax.__version__, "args": vars(args), "rows": rows}, f,
                 indent=1)

@@ -87,8 +87,8 @@ class MoeLayer(nn.Module):
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
       `dropless` never drops a token (token choice only).
-    grouped_matmul: `GroupedMatmul` of the dropless path (default
-      `ragged_dot`; see `moe_jax.moe.grouped_matmul`).
+    grouped_matmul: `GroupedMatmul` of the dropless path (default `auto`:
+      chosen per backend; see `moe_jax.moe.grouped_matmul`).
     train_capacity_factor: capacity factor when deterministic=False, in
       T5X's convention: C = capacity_factor * S / E slots per expert, for
       any k (`moe_jax.moe.dispatch.expert_capacity`; docs/presets.md).
@@ -120,7 +120,7 @@ class MoeLayer(nn.Module):
   num_experts: int = 8
   expert_hidden_dim: Optional[int] = None
   dispatch: Dispatch = Dispatch.SCATTER
-  grouped_matmul: GroupedMatmul = GroupedMatmul.RAGGED_DOT
+  grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
