@@ -8,8 +8,8 @@ import pytest
 
 from moe_jax import inspection as moe_inspect
 from moe_jax.moe import metric_names
-from moe_jax.moe.layer import MoeLayer
 from tests import moe_reference, tiny_checkpoint
+from tests.inspect_helpers import Bytes, moe_inputs
 
 K, NUM_EXPERTS = 2, 4
 
@@ -51,28 +51,12 @@ def test_opens_an_earlier_step_and_refuses_a_missing_one(trained):
     moe_inspect.open_checkpoint(trained[0], step=5)
 
 
-def _moe_inputs(checkpoint, batch):
-  """(x [B, L, D], padding mask [B, L]) fed to each MoE layer, call order."""
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, MoeLayer) and (
-        context.method_name == "__call__"):
-      seen.append((np.asarray(args[0], np.float64), np.asarray(args[1])))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    checkpoint.model.apply({"params": checkpoint.params}, **batch,
-                           enable_dropout=False)
-  return seen
-
-
 def test_routing_numbers_match_a_numpy_reference(checkpoint):
   batch = moe_inspect.text_batch(
       checkpoint, ["sparse experts", "route me, please"],
-      vocabulary=_Bytes())
+      vocabulary=Bytes())
   report = moe_inspect.route_batch(checkpoint, batch)
-  inputs = _moe_inputs(checkpoint, batch)
+  inputs = moe_inputs(checkpoint, batch)
   assert [l.name for l in report.layers] == [
       "encoder/block_0/layer_0", "encoder/block_1/layer_0",
       "decoder/block_0/layer_0", "decoder/block_1/layer_0"]
@@ -122,7 +106,7 @@ def test_routing_numbers_match_a_numpy_reference(checkpoint):
 
 def test_token_tables_agree_with_loads(checkpoint):
   report = moe_inspect.route_text(checkpoint, ["expert choice"],
-                                  vocabulary=_Bytes())
+                                  vocabulary=Bytes())
   tokens, layers, table = report.expert_id_table("encoder")
   assert tokens[:6] == list("expert") and table.shape == (len(tokens),
                                                           len(layers))
@@ -137,7 +121,7 @@ def test_token_tables_agree_with_loads(checkpoint):
 
 def test_capture_leaves_outputs_unchanged(checkpoint):
   batch = moe_inspect.text_batch(checkpoint, ["same numbers"],
-                                 vocabulary=_Bytes())
+                                 vocabulary=Bytes())
   apply = lambda **kw: checkpoint.model.apply(
       {"params": checkpoint.params}, **batch, enable_dropout=False, **kw)
   plain = apply()
@@ -150,7 +134,7 @@ def test_capture_leaves_outputs_unchanged(checkpoint):
 
 def test_plots_are_saved(checkpoint, tmp_path):
   report = moe_inspect.route_text(checkpoint, ["plot me"],
-                                  vocabulary=_Bytes())
+                                  vocabulary=Bytes())
   for name, draw in (("load", moe_inspect.load_heatmap),
                      ("left_behind", moe_inspect.fraction_left_behind)):
     fig = draw(report, path=tmp_path / f"{name}.png")
@@ -159,17 +143,6 @@ def test_plots_are_saved(checkpoint, tmp_path):
   assert (tmp_path / "ids.png").read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="no sparse layer in stack"):
     report.expert_id_table("nowhere")
-
-
-class _Bytes:
-  """UTF-8 bytes shifted by 3 (seqio ByteVocabulary's ids), without seqio."""
-  eos_id = 1
-
-  def encode(self, s):
-    return [b + 3 for b in s.encode()]
-
-  def decode(self, ids):
-    return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
 
 
 def _initialized(scan_layers):

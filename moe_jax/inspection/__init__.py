@@ -8,7 +8,9 @@
   report.top_tokens(0)                    # expert -> its most frequent tokens
   moe_inspect.load_heatmap(report, path="load.png")
 
-See docs/inspect.md.
+FLAN-MoE's routing analyses (utilization per task, dropped tokens, routing
+change between checkpoints, capacity sweep) are in `analyses`, their plots
+in `analysis_plots`, their command line in `analyze`. See docs/inspect.md.
 """
 
 from moe_jax.inspection.checkpoint import (Checkpoint, ParamRecord,

@@ -17,7 +17,8 @@ import numpy as np
 from moe_jax.inspection.routing_report import DROPPED, RoutingReport
 
 
-def _finish(fig, path: Optional[str | Path]):
+def finish(fig, path: Optional[str | Path]):
+  """Lays `fig` out, saves it as PNG at `path` (if given), returns it."""
   fig.tight_layout()
   if path is not None:
     fig.savefig(path, format="png", dpi=100)
@@ -37,7 +38,7 @@ def load_heatmap(report: RoutingReport, path: Optional[str | Path] = None):
   ax.set_xlabel("expert")
   ax.set_title("share of dispatched tokens")
   fig.colorbar(image, ax=ax)
-  return _finish(fig, path)
+  return finish(fig, path)
 
 
 def expert_id_map(report: RoutingReport, stack: str, example: int = 0,
@@ -55,7 +56,7 @@ def expert_id_map(report: RoutingReport, stack: str, example: int = 0,
   ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
   ax.set_title(f"{stack} expert per token (example {example})")
   fig.colorbar(image, ax=ax, ticks=range(report.num_experts), label="expert")
-  return _finish(fig, path)
+  return finish(fig, path)
 
 
 def fraction_left_behind(report: RoutingReport,
@@ -69,4 +70,4 @@ def fraction_left_behind(report: RoutingReport,
   ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
   ax.set_ylabel("fraction of tokens left behind")
   ax.set_ylim(0, 1)
-  return _finish(fig, path)
+  return finish(fig, path)
