@@ -5,8 +5,9 @@ T tokens per expert (capacity paths), M sorted rows (dropless path).
 
 `Experts` only creates the weights; `apply_experts` is the pure MLP over
 them (`mlp`, which `DenseFFN`, the dense layer of the models and of the
-MoE layer's shared experts, also runs), `ExpertDropout` the dropout on its hidden activations, and `ExpertFns`
-binds them to the layouts the dispatch paths use:
+MoE layer's shared experts, also runs), `ExpertDropout` the dropout on its
+hidden activations, and `ExpertFns` binds them to the layouts the dispatch
+paths use:
 * batched, x <[E, T, D]>: one einsum over the leading expert axis;
 * grouped, x <[M, D]> sorted by expert with <int32>[E] group sizes: the
   configured grouped matmul (`moe_jax.moe.grouped_matmul`), each row

@@ -15,5 +15,5 @@ from moe_jax.moe.routers.token_choice import (SecondExpertPolicy,
                                               TokenChoiceRouter)
 
 __all__ = ["AuxLossFreeRouter", "BaseLayerRouter", "DSelectKRouter",
-           "ExpertChoiceRouter", "HashRouter", "NoisyTopKRouter", "SecondExpertPolicy",
-           "TokenChoiceRouter"]
+           "ExpertChoiceRouter", "HashRouter", "NoisyTopKRouter",
+           "SecondExpertPolicy", "TokenChoiceRouter"]
