@@ -52,7 +52,8 @@ def _part(path: str) -> str:
     return "embeddings"
   if "attention/" in path or "relpos_bias/" in path:
     return "attention"
-  if "/mlp/" in path or "/extra_mlp/" in path:
+  if ("/mlp/" in path or "/extra_mlp/" in path or
+      "/moe/shared_experts/" in path):
     return "dense_ffn"
   return "norms_and_other"
 

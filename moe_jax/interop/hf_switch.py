@@ -129,9 +129,11 @@ def _pairs(config: TransformerConfig) -> Iterator[hf_common.Pair]:
     moe, layer = config.moe(stack), config.moe_layer(stack)
     if moe is None:
       continue
-    if moe.extra_dense_ffn or layer.expert_hidden_dim != config.mlp_dim:
-      raise ValueError(f"{stack}_moe: extra_dense_ffn and expert_hidden_dim "
-                       "have no SwitchTransformers counterpart")
+    if (moe.extra_dense_ffn or layer.num_shared_experts or
+        layer.expert_hidden_dim != config.mlp_dim):
+      raise ValueError(f"{stack}_moe: extra_dense_ffn, num_shared_experts "
+                       "and expert_hidden_dim have no SwitchTransformers "
+                       "counterpart")
     if layer.activation != config.activation:
       raise ValueError(f"{stack}_moe.layer.activation must equal activation")
     if not isinstance(layer.router, TokenChoiceRouter):

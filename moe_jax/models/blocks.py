@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe import metric_names
-from moe_jax.moe.experts import Activation, mlp
+from moe_jax.moe.experts import DenseFFN
 from moe_jax.moe.layer import MoeStats
 from moe_jax.models.attention import (NEG_INF, MultiHeadAttention,
                                       RelativePositionBias)
@@ -48,31 +48,6 @@ class RMSNorm(nn.Module):
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, -1, keepdims=True) +
                                  self.epsilon)
     return (normed * scale).astype(self.dtype)
-
-
-class DenseFFN(nn.Module):
-  """Dense feed-forward layer D -> F -> D (same activations as the experts)."""
-  hidden_dim: int
-  activation: Activation
-  dropout_rate: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    width = x.shape[-1]
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-    def weight(name: str, into_hidden: bool) -> Array:
-      shape, axes = (((width, self.hidden_dim), ("embed", "mlp")) if
-                     into_hidden else
-                     ((self.hidden_dim, width), ("mlp", "embed")))
-      w = self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                     jnp.float32)
-      return jnp.asarray(w, self.dtype)
-
-    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))
-    return mlp(x.astype(self.dtype), Activation(self.activation), weight,
-               jnp.matmul, lambda h: dropout(h, deterministic=deterministic))
 
 
 @struct.dataclass
@@ -265,7 +240,8 @@ class Stack(nn.Module):
       # first (decoding repeats and reorders rows on axis 0 of each leaf).
       scanned = nn.scan(
           block, variable_axes={"params": 0, "cache": 1, "intermediates": 0,
-                                metric_names.ROUTING: 0},
+                                metric_names.ROUTING: 0,
+                                metric_names.ROUTER_STATE: 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,
           metadata_params={nn.PARTITION_NAME: "layers"})

@@ -215,15 +215,23 @@ class TransformerConfig:
 
     `MoeConfig.layer` with the model's part filled in: causal in the
     decoder, the model's activation dtype, and `mlp_dim` and the model's
-    activation where the layer leaves expert_hidden_dim / activation None.
+    activation where the layer leaves expert_hidden_dim / activation None
+    (mlp_dim / expert_segments for fine-grained experts).
     Like every copy of a MoeLayer, it re-runs the layer's checks.
     """
     moe = self.moe(stack)
     if moe is None:
       return None
+    segments = moe.layer.expert_segments
+    if moe.layer.expert_hidden_dim is None and self.mlp_dim % segments:
+      raise ValueError(
+          f"{stack}: expert_segments={segments} must divide the model's "
+          f"mlp_dim={self.mlp_dim} (each expert is mlp_dim / "
+          "expert_segments wide); or set expert_hidden_dim")
     return moe.layer.clone(
         causal=stack == "decoder", dtype=self.activation_dtype,
-        expert_hidden_dim=moe.layer.expert_hidden_dim or self.mlp_dim,
+        expert_hidden_dim=(moe.layer.expert_hidden_dim or
+                           self.mlp_dim // segments),
         activation=moe.layer.activation or self.activation)
 
   def with_moe_layers(self, **knobs) -> TransformerConfig:

@@ -4,8 +4,10 @@ Dimension names: E experts, D model width, F expert hidden width (d_ff),
 T tokens per expert (capacity paths), M sorted rows (dropless path).
 
 `Experts` only creates the weights; `apply_experts` is the pure MLP over
-them, `ExpertDropout` the dropout on its hidden activations, and `ExpertFns`
-binds them to the layouts the dispatch paths use:
+them (`mlp`, which `DenseFFN`, the dense layer of the models and of the
+MoE layer's shared experts, also runs), `ExpertDropout` the dropout on its
+hidden activations, and `ExpertFns` binds them to the layouts the dispatch
+paths use:
 * batched, x <[E, T, D]>: one einsum over the leading expert axis;
 * grouped, x <[M, D]> sorted by expert with <int32>[E] group sizes: the
   configured grouped matmul (`moe_jax.moe.grouped_matmul`), each row
@@ -221,3 +223,28 @@ def mlp(x: Array, activation: Activation,
   else:
     hidden = activation.fn(matmul(x, weight("wi", True)))
   return matmul(hidden_dropout(hidden), weight("wo", False))
+
+
+class DenseFFN(nn.Module):
+  """Dense feed-forward layer D -> F -> D (same activations as the experts)."""
+  hidden_dim: int
+  activation: Activation
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    width = x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+    def weight(name: str, into_hidden: bool) -> Array:
+      shape, logical = (((width, self.hidden_dim), ("embed", "mlp")) if
+                     into_hidden else
+                     ((self.hidden_dim, width), ("mlp", "embed")))
+      w = self.param(name, nn.with_logical_partitioning(init, logical), shape,
+                     jnp.float32)
+      return jnp.asarray(w, self.dtype)
+
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))
+    return mlp(x.astype(self.dtype), Activation(self.activation), weight,
+               jnp.matmul, lambda h: dropout(h, deterministic=deterministic))

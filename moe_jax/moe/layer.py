@@ -11,7 +11,9 @@ Data flow for x <[B, L, D]>:
      the model's residual connection carries them through;
   4. experts: one batched matmul over the leading expert axis (capacity
      paths) or the configured grouped matmul over sorted rows (dropless);
-  5. combine with the gates back to <[B, L, D]>.
+  5. combine with the gates back to <[B, L, D]>;
+  6. with num_shared_experts > 0, add the shared experts: a dense FFN every
+     real token passes through, whatever the router decided.
 
 The layer returns `(y, MoeStats)` and also sows every `MoeStats` field into
 the `intermediates` collection under the names in `moe_jax.moe.metric_names`
@@ -33,8 +35,8 @@ from moe_jax import axes, knobs
 from moe_jax.moe import capture, expert_parallel, grouped_matmul, metric_names
 from moe_jax.moe.dispatch import (PATHS, Dispatch, check_capacity_factor,
                                   expert_capacity, group_shape, group_tokens)
-from moe_jax.moe.experts import (Activation, ExpertDropout, Experts,
-                                 expert_fns)
+from moe_jax.moe.experts import (Activation, DenseFFN, ExpertDropout,
+                                 Experts, expert_fns)
 from moe_jax.moe.grouped_matmul import GroupedMatmul
 from moe_jax.moe.routing import Router, TokenChoice
 
@@ -83,7 +85,19 @@ class MoeLayer(nn.Module):
     router: a `moe_jax.moe.routing.Router` (token choice, expert choice, ...).
     num_experts: E.
     expert_hidden_dim: F, hidden width of each expert; None: the model's
-      `mlp_dim` (filled in by the model; a layer used on its own must set it).
+      `mlp_dim` / `expert_segments` (filled in by the model; a layer used on
+      its own must set it).
+    expert_segments: m of fine-grained experts (DeepSeekMoE, Dai et al.
+      2024): with expert_hidden_dim None, each expert is 1/m of the model's
+      FFN, so E = m * E' experts with K = m * K' choices do the expert work
+      of E' full-width experts with K' choices (`gin/routing/
+      fine_grained.gin`). The model's mlp_dim must be divisible by m.
+    num_shared_experts: always-on experts beside the routed ones (DeepSeekMoE
+      shared experts): every real token also passes through them, with gate
+      1 and no capacity. Held as one dense FFN of hidden width
+      num_shared_experts * shared_expert_hidden_dim (the same function as
+      that many FFNs summed), params `shared_experts/`. 0: none.
+    shared_expert_hidden_dim: hidden width of each shared expert; None: F.
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
       `dropless` never drops a token (token choice only).
@@ -119,6 +133,9 @@ class MoeLayer(nn.Module):
   router: Router
   num_experts: int = 8
   expert_hidden_dim: Optional[int] = None
+  expert_segments: int = 1
+  num_shared_experts: int = 0
+  shared_expert_hidden_dim: Optional[int] = None
   dispatch: Dispatch = Dispatch.SCATTER
   grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
   train_capacity_factor: float = 1.25
@@ -147,6 +164,11 @@ class MoeLayer(nn.Module):
       raise ValueError("expert_hidden_dim must be >= 1 (or None: the "
                        "model's mlp_dim); got "
                        f"expert_hidden_dim={self.expert_hidden_dim}")
+    for knob, least in (("expert_segments", 1), ("num_shared_experts", 0),
+                        ("shared_expert_hidden_dim", 1)):
+      value = getattr(self, knob)
+      if value is not None and value < least:
+        raise ValueError(f"{knob} must be >= {least}; got {knob}={value}")
     dispatch = knobs.choice(Dispatch, "dispatch", self.dispatch)
     knobs.choice(GroupedMatmul, "grouped_matmul", self.grouped_matmul)
     if self.activation is not None:
@@ -203,6 +225,12 @@ class MoeLayer(nn.Module):
         activation=self.expert_activation,
         dtype=self.dtype,
         param_dtype=self.param_dtype)
+    if self.num_shared_experts:
+      self.shared_experts = DenseFFN(
+          hidden_dim=self.num_shared_experts * (
+              self.shared_expert_hidden_dim or self.expert_hidden_dim),
+          activation=self.expert_activation,
+          dropout_rate=self.expert_dropout_rate, dtype=self.dtype)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of `group_size` tokens (see `dispatch.expert_capacity`)."""
@@ -236,6 +264,11 @@ class MoeLayer(nn.Module):
     elif token_mask.shape != (batch, length):
       raise ValueError(f"token_mask must have shape {(batch, length)}; got "
                        f"{token_mask.shape}")
+    # Every real token passes through the shared experts; padding gets 0,
+    # as from the routed ones.
+    shared = (self.shared_experts(x, deterministic=deterministic) *
+              token_mask[..., None].astype(self.dtype)
+              if self.num_shared_experts else 0.0)
     num_groups, group_size = group_shape(
         batch * length, self.max_group_size, self.pad_to_group_size,
         group_multiple=(expert_parallel.group_shards() if self.expert_parallel
@@ -269,6 +302,7 @@ class MoeLayer(nn.Module):
                          grouped_matmul.resolve(self.grouped_matmul), dropout)
     out = run(tokens, routed.decision, self.num_experts, experts, capacity)
     out = out.reshape(-1, width)[:batch * length].reshape(batch, length, width)
+    out = out + shared
 
     stats = self._stats(routed, token_mask, capacity, group_size)
     for name in metric_names.ALL:

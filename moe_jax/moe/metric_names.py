@@ -38,3 +38,7 @@ COMBINE_WEIGHTS = "combine_weights"  # <float32>[G, S, E]
 TOKEN_MASK = "token_mask"            # <float32>[G, S]
 
 ROUTING_CAPTURE = (ROUTER_PROBS, DISPATCH_MASK, COMBINE_WEIGHTS, TOKEN_MASK)
+
+# Router state that changes outside the gradient (the selection bias of
+# `moe_jax.moe.routers.aux_free`): a variable collection beside `params`.
+ROUTER_STATE = "router_state"

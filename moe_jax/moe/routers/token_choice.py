@@ -72,7 +72,14 @@ class TokenChoiceRouter(TokenChoiceRouterBase):
     del token_ids
     logits = RouterWeights(num_experts, name="router_weights")(x)
     probs = jax.nn.softmax(logits, axis=-1)
-    top_probs, expert_index = jax.lax.top_k(probs, self.num_selected_experts)
+    bias = self.selection_bias(num_experts)
+    if bias is None:
+      top_probs, expert_index = jax.lax.top_k(probs,
+                                              self.num_selected_experts)
+    else:
+      # The bias moves which experts are chosen, never the gates.
+      _, expert_index = jax.lax.top_k(probs + bias, self.num_selected_experts)
+      top_probs = jnp.take_along_axis(probs, expert_index, axis=-1)
     normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
     gates = normalized if self.renormalize_gates else top_probs
 
@@ -93,3 +100,9 @@ class TokenChoiceRouter(TokenChoiceRouterBase):
         router_z_loss=losses.router_z_loss(logits, token_mask),
         priority_order=(jnp.argsort(-top_probs[..., 0], axis=-1) if
                         self.batch_prioritized_routing else None))
+
+  def selection_bias(self, num_experts: int) -> Optional[Array]:
+    """<float32>[E] added to the probabilities to choose the top K (not to
+    the gates), or None: plain top-K. See `routers.aux_free`."""
+    del num_experts
+    return None
