@@ -3,6 +3,7 @@ in infer's input file, and seqio's per-task warning shown once."""
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ def test_second_expert_policy_error_lists_the_choices():
 
 
 def test_grouped_matmul_and_objective_errors_list_the_choices():
-  with pytest.raises(ValueError, match=r"grouped_matmul must be one of "
-                     r"\['ragged_dot', 'dense'\]; got grouped_matmul='foo'"):
+  choices = [choice.value for choice in grouped_matmul.GroupedMatmul]
+  with pytest.raises(ValueError, match=re.escape(
+      f"grouped_matmul must be one of {choices}; got grouped_matmul='foo'")):
     grouped_matmul.resolve("foo")
   data = pytest.importorskip("moe_jax.train.data")
   with pytest.raises(ValueError, match=r"objective must be one of \[.*'enc_"

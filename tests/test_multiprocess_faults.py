@@ -19,7 +19,7 @@ from moe_jax.train import checkpoints
 from tests.test_multiprocess import (RUN_FLAGS, ROOT, _free_port, _losses,
                                      _train_two_processes)
 
-STEPS = "--gin.TRAIN_STEPS=16"
+STEPS = "--gin.TRAIN_STEPS=8"
 
 
 def _start(model_dir: Path, *flags: str) -> list[subprocess.Popen]:
@@ -76,17 +76,17 @@ def test_sigterm_to_one_process_stops_both_and_resumes_exactly(tmp_path):
   # checkpoint of the step they stopped at.
   assert codes == [128 + signal.SIGTERM] * 2, _log(job, 0) + _log(job, 1)
   stopped = max(_losses(job))
-  assert stopped < 16
+  assert stopped < 8
   assert checkpoints.steps(job)[-1] == stopped
   assert "stopped early by a signal" in _log(job, 0)
 
-  # The identical command, 3 times: resumes, finishes, then finds it done;
+  # The identical command twice: resumes and finishes, then finds it done;
   # never refused as "a different config".
-  outs = [_train_two_processes(job, STEPS) for _ in range(3)]
+  outs = [_train_two_processes(job, STEPS) for _ in range(2)]
   assert f"resumed from step {stopped}" in outs[0]
-  assert all("resumed from step 16" in out for out in outs[1:])
+  assert "resumed from step 8" in outs[1]
   want, got = _losses(reference), _losses(job)
-  assert sorted(got) == sorted(want) == list(range(1, 17))
+  assert sorted(got) == sorted(want) == list(range(1, 9))
   np.testing.assert_array_equal([got[s] for s in want], list(want.values()))
 
 
