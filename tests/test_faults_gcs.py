@@ -23,6 +23,7 @@ pytest.importorskip("google.cloud.storage",
 # parameters it restores to a local .npz.
 _CLIENT = """
 import json, sys
+import gin
 import numpy as np
 from tests import fake_gcs
 fake_gcs.register_filesystem()
