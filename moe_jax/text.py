@@ -27,12 +27,18 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
   and the byte."""
   with paths.as_path(path).open("rb") as f:
     for lineno, raw in enumerate(f, 1):
-      try:
-        yield lineno, raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
-                         f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
-                         "line)") from None
+      yield lineno, decode_line(raw, path, lineno)
+
+
+def decode_line(raw: bytes, path: str, lineno: int) -> str:
+  """`raw` decoded as UTF-8; else a ValueError naming the file, the 1-based
+  line and the byte."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
+                     f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
+                     "line)") from None
 
 
 def encode_texts(texts: Sequence[str], vocabulary: Vocabulary,

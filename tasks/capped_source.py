@@ -128,9 +128,10 @@ class CappedJsonlSource(seqio.DataSource):
                        f"got split={split!r}")
     shard = shard_info or seqio.ShardInfo(0, 1)
     epochs = iter(range(2**62))
+    index = self.index()  # here, so a bad file is a plain error, not tf's
 
     def generate():
-      lines = epoch_lines(self.index(), self._cap(), seed or 0,
+      lines = epoch_lines(index, self._cap(), seed or 0,
                           next(epochs) if shuffle else 0, shuffle)
       yield from self._read(lines[shard.index::shard.num_shards])
 

@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from moe_jax import paths
+from moe_jax import paths, text
 
 INDEX_SUFFIX = ".index.npz"
 
@@ -51,7 +51,7 @@ def build(path: str, group_field: str) -> LineIndex:
       lineno += 1
       if line.strip():
         try:
-          record = json.loads(line)
+          record = json.loads(text.decode_line(line, path, lineno))
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
         if not isinstance(record, dict) or group_field not in record:
