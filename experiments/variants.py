@@ -113,3 +113,41 @@ def flop_matched(config: TransformerConfig, dense: TransformerConfig,
   if mlp < 1:
     raise ValueError(f"cannot FLOP-match {config} to the dense model")
   return _with_widths(config, None, mlp)
+
+
+def settings_table(models: Mapping[ModelSpec, tuple[TransformerConfig,
+                                                    LossConfig]],
+                   lengths: Mapping[str, int]) -> list[str]:
+  """Markdown lines: one row per model of `models` (spec -> (model, routing
+  loss weights), as `experiments.jobs.resolve_models` gives them) with its
+  parameters, active parameters per token, forward FLOPs of one example of
+  `lengths` (and their ratio to the first row's: dense first, then by
+  name), and the settings FLOP matching and the routing files chose."""
+  lines = ["| model | params | active params / token | forward GFLOPs / "
+           "example | vs first | FFN width | experts x width | k | "
+           "capacity train / eval | extra dense FFN | aux / z loss |",
+           "|" + "---|" * 11]
+  reference = None
+  for spec in sorted(models, key=lambda m: (m.routing != DENSE, m.name)):
+    config, loss = models[spec]
+    counts = flops.count(config, lengths["inputs"], lengths["targets"])
+    reference = reference or counts.forward_flops
+    moe = config.encoder_moe or config.decoder_moe
+    if moe is None:
+      sparse = ["-"] * 5
+    else:
+      layer = moe.layer
+      k = getattr(layer.router, "num_selected_experts", "-")
+      sparse = [f"{layer.num_experts} x "
+                f"{layer.expert_hidden_dim or config.mlp_dim}", str(k),
+                f"{layer.train_capacity_factor:g} / "
+                f"{layer.eval_capacity_factor:g}",
+                "yes" if moe.extra_dense_ffn else "no",
+                f"{loss.aux_loss_factor:g} / {loss.router_z_loss_factor:g}"]
+    lines.append(
+        f"| {spec.name} | {counts.total_params:,} | "
+        f"{counts.active_params_per_token:,.0f} | "
+        f"{counts.forward_flops / 1e9:.4f} | "
+        f"{counts.forward_flops / reference:.3f} | {config.mlp_dim} | "
+        + " | ".join(sparse) + " |")
+  return lines
