@@ -193,6 +193,35 @@ def test_refuses_configs_and_paths_without_counterpart(tmp_path):
   assert not t5x_checkpoint.is_t5x_checkpoint(tmp_path)
 
 
+def scanned(flat, num_layers=2):
+  """flaxformer's scanned layout (flaxformer's testdata
+  encoder_scanned_per_layer_relpos_bias.json) of unscanned {name: array}:
+  `{stack}/layers_<i>/X` stacked on axis 1 as `{stack}/{stack}/X`, and a
+  relative position bias per layer (scanned stacks cannot share one)."""
+  out = {}
+  for stack in ("encoder", "decoder"):
+    layer_names = {n.split("/", 2)[2] for n in flat
+                   if n.startswith(f"{stack}/layers_")}
+    layers = [{n: flat.pop(f"{stack}/layers_{i}/{n}") for n in layer_names}
+              for i in range(num_layers)]
+    layers = [{**layer, "relpos_bias/rel_embedding": flat[
+        f"{stack}/relpos_bias/rel_embedding"]} for layer in layers]
+    del flat[f"{stack}/relpos_bias/rel_embedding"]
+    for n in layers[0]:
+      out[f"{stack}/{stack}/{n}"] = np.stack([l[n] for l in layers], axis=1)
+  return {**flat, **out}
+
+
+def test_refuses_scanned_checkpoints(tmp_path):
+  cfg = config("t5_1_1")
+  flat = scanned(flaxformer_names.export_params(random_params(cfg), cfg))
+  assert flat["encoder/encoder/attention/query/kernel"].shape == (16, 2, 8)
+  step_dir = write_t5x(flat, tmp_path)
+  with pytest.raises(ValueError, match=r"decoder/decoder/.*: a scanned "
+                     r"flaxformer checkpoint.*one relative position bias"):
+    t5x_checkpoint.import_t5x(step_dir, cfg)
+
+
 def test_warm_start_from_t5x_checkpoint(tmp_path):
   """TrainConfig(init_checkpoint=..., init_format='t5x'): matching copies
   every weight; upcycling reads the dense counterpart into the experts."""
