@@ -128,8 +128,8 @@ def check_unscanned(names: Iterable[str]) -> None:
   Scanned flaxformer stacks keep every layer's arrays stacked (along
   `scan_axis`, default 1) under `encoder/encoder/` and `decoder/decoder/`,
   and cannot share a relative position bias: each layer holds its own
-  table. moe_jax's models share one table per stack, so such a checkpoint
-  describes a model they cannot express, whatever the layout.
+  table. moe_jax's models (unrolled or scanned) share one table per
+  stack, so restacking the arrays would not give a model they can run.
 
   Raises:
     ValueError: naming the first scanned weight.
