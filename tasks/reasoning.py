@@ -38,7 +38,7 @@ def read_jsonl(path: str) -> List[Dict[str, str]]:
   """{"question", "answer" (the final number)} per example; ValueError names
   the file and the line (malformed JSON) or example (answer not a number)."""
   rows = []
-  for i, r in enumerate(file_sources.read_jsonl(path, FIELDS), 1):
+  for i, r in enumerate(file_sources.read_lines(path, FIELDS), 1):
     try:
       rows.append({"question": r["question"],
                    "answer": target_number(r["answer"])})
