@@ -37,7 +37,7 @@ from typing import Sequence
 
 import gin
 
-from experiments import jobs, plan, report
+from experiments import jobs, plan, report, variants
 from experiments.config import ExperimentConfig
 from moe_jax import gin_utils
 
@@ -53,17 +53,27 @@ def main(argv: Sequence[str]) -> int:
   gin.clear_config()
   start = time.time()
   rows = run_experiment(config)
-  report.write(config, rows, wall_seconds=time.time() - start)
+  _, models = _phases_and_models(config)
+  report.write(config, rows, wall_seconds=time.time() - start,
+               settings=variants.settings_table(models,
+                                                config.instruct_lengths))
   print(f"{len(rows)} results in {time.time() - start:.0f} s; report in "
         f"{config.reports_to}")
   return 0
 
 
+def _phases_and_models(config: ExperimentConfig) -> tuple[list, dict]:
+  """The job phases of `plan(config)` and their models
+  (`jobs.resolve_models`)."""
+  phases = plan.plan(config)
+  return phases, jobs.resolve_models(config, {j.model for p in phases
+                                              for j in p})
+
+
 def run_experiment(config: ExperimentConfig) -> list[dict]:
   """Runs (or reuses) every job of `plan(config)`; their result rows."""
   jobs.init_worker(config)
-  phases = plan.plan(config)
-  models = jobs.resolve_models(config, {j.model for p in phases for j in p})
+  phases, models = _phases_and_models(config)
   rows = []
   context = multiprocessing.get_context("spawn")
   for phase in phases:

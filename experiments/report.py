@@ -157,9 +157,11 @@ def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
 
 
 def write(config, rows: Sequence[dict],
-          wall_seconds: Optional[float] = None) -> dict:
-  """Writes the report files; returns {"main": {cluster: values},
-  "ablations": {cluster: values}}."""
+          wall_seconds: Optional[float] = None,
+          settings: Sequence[str] = ()) -> dict:
+  """Writes the report files, with the models' table `settings` (markdown
+  lines, `variants.settings_table`) where given; returns {"main": {cluster:
+  values}, "ablations": {cluster: values}}."""
   from experiments.variants import ModelSpec
   out = config.reports_to
   out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,8 @@ def write(config, rows: Sequence[dict],
     if ablations[cluster]:
       lines += [f"### Ablations ({base}, seed {config.ablation_seed})", "",
                 *table, ""]
+  if settings:
+    lines += ["## Models (FLOP-matched to dense)", "", *settings, ""]
   (out / "table.md").write_text("\n".join(lines))
   (out / "results.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows))

@@ -21,7 +21,8 @@ from typing import Mapping, Optional, Sequence
 import gin
 
 from moe_jax import flops, gin_utils
-from moe_jax.models import TransformerConfig, configured_model_config
+from moe_jax.models import (MoeConfig, TransformerConfig,
+                            configured_model_config)
 from moe_jax.train.objective import LossConfig
 
 DENSE = "dense"
@@ -113,3 +114,52 @@ def flop_matched(config: TransformerConfig, dense: TransformerConfig,
   if mlp < 1:
     raise ValueError(f"cannot FLOP-match {config} to the dense model")
   return _with_widths(config, None, mlp)
+
+
+def _moe_cells(moe: MoeConfig, mlp_dim: int) -> list[str]:
+  """Experts x width, k ("-" under expert choice), train / eval capacity
+  factors and the extra dense FFN of one stack's `MoeConfig`."""
+  layer = moe.layer
+  return [f"{layer.num_experts} x {layer.expert_hidden_dim or mlp_dim}",
+          str(getattr(layer.router, "num_selected_experts", "-")),
+          f"{layer.train_capacity_factor:g} / {layer.eval_capacity_factor:g}",
+          "yes" if moe.extra_dense_ffn else "no"]
+
+
+def settings_table(models: Mapping[ModelSpec, tuple[TransformerConfig,
+                                                    LossConfig]],
+                   lengths: Mapping[str, int]) -> list[str]:
+  """Markdown lines: one row per model of `models` (spec -> (model, routing
+  loss weights), as `experiments.jobs.resolve_models` gives them) with its
+  parameters, active parameters per token, forward FLOPs of one example of
+  `lengths` (and their ratio to the first row's: dense first, then by
+  name), and the settings FLOP matching and the routing files chose; a
+  setting where the encoder's and decoder's MoE layers differ reads "enc X;
+  dec Y"."""
+  lines = ["| model | params | active params / token | forward GFLOPs / "
+           "example | vs first | FFN width | experts x width | k | "
+           "capacity train / eval | extra dense FFN | aux / z loss |",
+           "|" + "---|" * 11]
+  reference = None
+  for spec in sorted(models, key=lambda m: (m.routing != DENSE, m.name)):
+    config, loss = models[spec]
+    counts = flops.count(config, lengths["inputs"], lengths["targets"])
+    reference = reference or counts.forward_flops
+    stacks = [_moe_cells(moe, config.mlp_dim)
+              for moe in (config.encoder_moe, config.decoder_moe)
+              if moe is not None]
+    if not stacks:
+      sparse = ["-"] * 5
+    else:
+      sparse = [c if len(set(column)) == 1 else
+                f"enc {column[0]}; dec {column[-1]}"
+                for c, column in zip(stacks[0], zip(*stacks))] + [
+                    f"{loss.aux_loss_factor:g} / "
+                    f"{loss.router_z_loss_factor:g}"]
+    lines.append(
+        f"| {spec.name} | {counts.total_params:,} | "
+        f"{counts.active_params_per_token:,.0f} | "
+        f"{counts.forward_flops / 1e9:.4f} | "
+        f"{counts.forward_flops / reference:.3f} | {config.mlp_dim} | "
+        + " | ".join(sparse) + " |")
+  return lines

@@ -80,6 +80,18 @@ def _configured(args: argparse.Namespace, bindings: list[str]):
   return run.configured_run()
 
 
+def _baselines(configured) -> dict[str, dict[str, float]] | None:
+  """The constant-answer baseline of the run's eval tasks (None without
+  an evaluation)."""
+  cfg = configured.eval
+  if cfg is None or not cfg.mixture_or_task_name:
+    return None
+  from moe_jax.train import baseline
+  return baseline.constant_answer_scores(
+      cfg.mixture_or_task_name, cfg.split, cfg.task_feature_lengths,
+      cfg.num_examples)
+
+
 def train(args: argparse.Namespace, bindings: list[str]) -> None:
   """Trains the configured run and prints a summary. A run stopped by a
   signal exits with 128 + its number (143 for SIGTERM), as if killed by
@@ -89,7 +101,7 @@ def train(args: argparse.Namespace, bindings: list[str]) -> None:
   configured = _configured(args, bindings)
   result = run_lib.train(configured)
   if jax.process_index() == 0:
-    print(summary.format_summary(configured, result))
+    print(summary.format_summary(configured, result, _baselines(configured)))
   if result.loop.stop_signal is not None:
     sys.exit(128 + result.loop.stop_signal)
 

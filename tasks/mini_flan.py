@@ -10,6 +10,10 @@ Registered names (see tasks/README.md):
             mini_flan_eval_<cluster> (zero-shot variants of the held-out
             cluster), mini_flan_eval_options (every option task, generated
             answers and rank classification)
+  main job:  mini_flan_main (train: zero-shot variants of MAIN_HELD_IN),
+             mini_flan_main_eval = mini_flan_main_held_in +
+             mini_flan_main_held_out (zero-shot and rank tasks of
+             MAIN_HELD_IN / MAIN_HELD_OUT)
   mini_flan_span_corruption, mini_flan_prefix_lm  (pre-training corpus)
 """
 
@@ -28,6 +32,10 @@ DEFAULT_VOCABULARY = seqio.ByteVocabulary()
 NUM_SHOTS = 2
 DEFAULT_SEED = 0
 PRETRAIN_SPLIT_SIZES = {"train": 2000, "validation": 100, "test": 100}
+# The main job (gin/runs/mini_flan_cpu.gin): tasks a tiny model learns in a
+# few hundred steps, and a cluster it never trains on.
+MAIN_HELD_IN = ("sign", "parity", "palindrome")
+MAIN_HELD_OUT = ("location_entailment", "comparison_entailment")
 
 
 def output_features(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY
@@ -126,7 +134,31 @@ def register(seed: int = DEFAULT_SEED,
                               zs_by_cluster[cluster], default_rate=1.0)
   seqio.MixtureRegistry.add("mini_flan_eval_options", option_evals,
                             default_rate=1.0)
+  _register_main_job()
   _register_pretraining(seed, features)
+
+
+def _zero_shot_and_rank(names) -> list:
+  out = []
+  for task in (gen.TASKS_BY_NAME[n] for n in names):
+    out.append(instruction_task_names(task)["zs"])
+    if task.has_options:
+      out.append(rank_task_name(task))
+  return out
+
+
+def _register_main_job() -> None:
+  seqio.MixtureRegistry.add(
+      "mini_flan_main",
+      [instruction_task_names(gen.TASKS_BY_NAME[n])["zs"]
+       for n in MAIN_HELD_IN], default_rate=1.0)
+  for part, names in (("held_in", MAIN_HELD_IN),
+                      ("held_out", MAIN_HELD_OUT)):
+    seqio.MixtureRegistry.add(f"mini_flan_main_{part}",
+                              _zero_shot_and_rank(names), default_rate=1.0)
+  seqio.MixtureRegistry.add(
+      "mini_flan_main_eval", ["mini_flan_main_held_in",
+                              "mini_flan_main_held_out"], default_rate=1.0)
 
 
 def _corpus_dataset(split: str, shuffle_files: bool,

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import flan_moe, plan, report, variants
 from experiments.config import ExperimentConfig
-from moe_jax import gin_utils
+from moe_jax import flops, gin_utils
 
 SIZE = ("EMBED_DIM=16", "MLP_DIM=32", "NUM_HEADS=2", "HEAD_DIM=8",
         "VOCAB_SIZE=259", "MIN_EXPERT_CAPACITY=1")
@@ -35,6 +35,34 @@ def test_sparse_models_cost_the_dense_flops(routing):
   ratio = (variants.forward_flops(matched, LENGTHS) /
            variants.forward_flops(dense, LENGTHS))
   assert abs(ratio - 1) < 0.03
+
+
+def test_settings_table_shows_each_models_cost_and_knobs():
+  dense, dense_loss = variants.model_config(variants.ModelSpec("dense"), SIZE)
+  models = {variants.ModelSpec("dense"): (dense, dense_loss)}
+  for routing in ("st_moe", "switch_top1", "expert_choice"):
+    spec = variants.ModelSpec(routing, 4)
+    sparse, loss = variants.model_config(spec, SIZE)
+    models[spec] = (variants.flop_matched(sparse, dense, LENGTHS), loss)
+  header, rule, *rows = variants.settings_table(models, LENGTHS)
+  assert header.count("|") == rule.count("|") == rows[0].count("|") == 12
+  cells = {r.split(" | ")[0][2:]: r.strip("| ").split(" | ") for r in rows}
+  assert list(cells) == ["dense", "expert_choice_e4", "st_moe_e4",
+                         "switch_top1_e4"]
+  for spec, (config, loss) in models.items():
+    row = cells[spec.name]
+    counts = flops.count(config, LENGTHS["inputs"], LENGTHS["targets"])
+    assert row[1] == f"{counts.total_params:,}"
+    assert abs(float(row[4]) - 1) < 0.03  # FLOP-matched to dense
+    assert row[5] == str(config.mlp_dim)
+  assert cells["dense"][6:] == ["-"] * 5
+  # ST-MoE: its extra dense FFN is paid for by narrower dense FFNs.
+  st_moe = cells["st_moe_e4"]
+  assert int(st_moe[5]) < dense.mlp_dim and st_moe[9] == "yes"
+  assert st_moe[10] == "0.01 / 0.001" and st_moe[7] == "2"
+  assert cells["switch_top1_e4"][5] == str(dense.mlp_dim)
+  # Expert choice routes the encoder; the causal decoder keeps top-2.
+  assert cells["expert_choice_e4"][7] == "enc -; dec 2"
 
 
 def test_plan_orders_jobs_after_their_checkpoints(tmp_path):

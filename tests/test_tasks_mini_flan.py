@@ -147,3 +147,25 @@ def test_rank_task_scores_every_option_of_an_example():
                            lambda r: float(r["targets_pretokenized"] == b"zero"))
   truth = [r["targets_pretokenized"] for r in rows if r["is_correct"]]
   assert zero == pytest.approx(100.0 * truth.count(b"zero") / len(examples))
+
+
+def test_main_job_trains_on_held_in_and_evaluates_both_parts():
+  import seqio
+  from tasks import mini_flan  # registers mini_flan
+
+  def names(mixture):
+    return {t.name for t in seqio.get_mixture_or_task(mixture).tasks}
+
+  assert not set(mini_flan.MAIN_HELD_IN) & set(mini_flan.MAIN_HELD_OUT)
+  assert names("mini_flan_main") == {
+      f"mini_flan_{t}_zs" for t in mini_flan.MAIN_HELD_IN}
+  for part, members in (("held_in", mini_flan.MAIN_HELD_IN),
+                        ("held_out", mini_flan.MAIN_HELD_OUT)):
+    assert names(f"mini_flan_main_{part}") == {
+        f"mini_flan_{t}_{kind}" for t in members for kind in (
+            ("zs", "rank") if gen.TASKS_BY_NAME[t].has_options else ("zs",))}
+  assert names("mini_flan_main_eval") == (names("mini_flan_main_held_in") |
+                                          names("mini_flan_main_held_out"))
+  trained = {gen.TASKS_BY_NAME[t].cluster for t in mini_flan.MAIN_HELD_IN}
+  assert not trained & {gen.TASKS_BY_NAME[t].cluster
+                        for t in mini_flan.MAIN_HELD_OUT}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 import numpy as np
 
 from moe_jax.moe import metric_names
@@ -13,10 +15,28 @@ def _mean(history: list[dict], key: str, rows: slice) -> float:
   return float(np.mean(values)) if values else float("nan")
 
 
-def format_summary(run, result) -> str:
+def format_eval(metrics: Mapping[str, Mapping[str, float]],
+                baselines: Optional[Mapping[str, Mapping[str, float]]] = None
+                ) -> list[str]:
+  """One line per task (and mixture average) of `metrics` {task: {metric:
+  value}}, each value followed by its constant-answer baseline
+  (`baseline.constant_answer_scores`) where `baselines` has it."""
+  lines = []
+  for task, values in sorted(metrics.items()):
+    reference = (baselines or {}).get(task, {})
+    shown = ", ".join(
+        f"{k} {v:.1f}" + (f" (constant {reference[k]:.1f})"
+                          if k in reference else "")
+        for k, v in values.items())
+    lines.append(f"    {task:<40} {shown}")
+  return lines
+
+
+def format_summary(run, result, baselines: Optional[Mapping[
+    str, Mapping[str, float]]] = None) -> str:
   """Loss at the start and end of the run, routing statistics of the last
-  steps, and the last evaluation (`run`: a `run.Run`, `result`: its
-  `run.TrainResult`)."""
+  steps, and the last evaluation beside `baselines` (`run`: a `run.Run`,
+  `result`: its `run.TrainResult`; `format_eval`)."""
   history = result.loop.history
   lines = [f"run summary ({run.train.model_dir})"]
   if result.loop.resumed_from is not None:
@@ -41,8 +61,6 @@ def format_summary(run, result) -> str:
     lines.append("  stopped early by a signal; the checkpoint is saved")
   if result.eval_metrics:
     step = max(result.eval_metrics)
-    lines.append(f"  evaluation at step {step}:")
-    for task, values in sorted(result.eval_metrics[step].items()):
-      shown = ", ".join(f"{k} {v:.1f}" for k, v in values.items())
-      lines.append(f"    {task:<40} {shown}")
+    lines.append(f"  evaluation at step {step} ({run.eval.split} split):")
+    lines += format_eval(result.eval_metrics[step], baselines)
   return "\n".join(lines)
