@@ -10,6 +10,11 @@ Two clients see one bucket store, a local folder (`root/<bucket>/<object>`):
   points at it (`client_env`).
   google-cloud-storage (which orbax asks whether a bucket has a
   hierarchical namespace) reaches it through STORAGE_EMULATOR_HOST.
+  TensorFlow's own GCS client (tf.io.gfile, tf.data.TFRecordDataset) has
+  its endpoints built in (https://www.googleapis.com/storage/v1/,
+  https://storage.googleapis.com/) but honours libcurl's `https_proxy` and
+  `CURL_CA_BUNDLE`: `tensorflow_env` makes the server that proxy, answering
+  each tunnel itself with a certificate made for those hosts.
 * `FakeGcsFileSystem`: an fsspec filesystem registered for the `gs` / `gcs`
   protocols, which etils.epath uses for gs:// paths when EPATH_USE_TF=false
   (config.gin, metrics.jsonl, eval results, orbax's metadata files).
@@ -20,9 +25,11 @@ writes by either client are seen by both.
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import json
 import os
+import ssl
 import threading
 import urllib.parse
 from pathlib import Path
@@ -32,6 +39,10 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 ROOT_ENV = "MOE_JAX_FAKE_GCS_ROOT"
+# The hosts of TensorFlow's GCS client: the JSON API, and media downloads
+# as https://storage.googleapis.com/<bucket>/<object>.
+JSON_API_HOST = "www.googleapis.com"
+DOWNLOAD_HOST = "storage.googleapis.com"
 
 
 def _generation(path: Path) -> int:
@@ -73,31 +84,67 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             (not_match is not None and int(not_match) == current))
 
   def _metadata(self, bucket: str, name: str, path: Path) -> dict:
+    updated = datetime.datetime.fromtimestamp(path.stat().st_mtime,
+                                              datetime.timezone.utc)
     return {"kind": "storage#object", "bucket": bucket, "name": name,
             "size": str(path.stat().st_size),
-            "generation": str(_generation(path))}
+            "generation": str(_generation(path)),
+            "updated": updated.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+  def _list(self, bucket: str, query) -> None:
+    """Objects under `prefix`; with a `delimiter`, the names that go on
+    past it are folded into `prefixes` (the "folders")."""
+    prefix, delimiter = query.get("prefix", ""), query.get("delimiter")
+    base = Path(self.server.root) / bucket
+    names = sorted(str(p.relative_to(base)) for p in base.rglob("*")
+                   if p.is_file()) if base.is_dir() else []
+    start = query.get("startOffset", "")
+    end = query.get("endOffset")
+    items, prefixes = [], set()
+    for n in names:
+      if not (n.startswith(prefix) and n >= start and (end is None or
+                                                       n < end)):
+        continue
+      rest = n[len(prefix):]
+      if delimiter and delimiter in rest:
+        prefixes.add(prefix + rest[:rest.index(delimiter) + 1])
+      else:
+        items.append(self._metadata(bucket, n, base / n))
+    self._json(200, {"kind": "storage#objects", "items": items,
+                     "prefixes": sorted(prefixes)})
+
+  def do_CONNECT(self):
+    """A tunnel to JSON_API_HOST or DOWNLOAD_HOST (TensorFlow's client
+    through `https_proxy`): TLS with the server's certificate for them,
+    then the requests inside served as any other."""
+    self.send_response(200, "Connection established")
+    self.end_headers()
+    self.close_connection = True
+    tunnel = self.server.tls.wrap_socket(self.connection, server_side=True)
+    _Handler(tunnel, self.client_address, self.server)
 
   def do_GET(self):
     parts, query = self._parse()
+    if self.headers.get("Host", "").split(":")[0] == DOWNLOAD_HOST:
+      # /<bucket>/<object>
+      self._get_object(parts[1], "/".join(parts[2:]), {**query,
+                                                       "alt": "media"})
+      return
     # /storage/v1/b/<bucket>/o[/<object>]
     bucket = parts[4]
     if len(parts) == 5:  # bucket metadata (a flat namespace)
       self._json(200, {"kind": "storage#bucket", "name": bucket,
                        "id": bucket})
       return
-    if len(parts) == 6:  # list
-      prefix = query.get("prefix", "")
-      base = Path(self.server.root) / bucket
-      names = sorted(str(p.relative_to(base)) for p in base.rglob("*")
-                     if p.is_file()) if base.is_dir() else []
-      start = query.get("startOffset", "")
-      end = query.get("endOffset")
-      items = [self._metadata(bucket, n, base / n) for n in names
-               if n.startswith(prefix) and n >= start and (
-                   end is None or n < end)]
-      self._json(200, {"kind": "storage#objects", "items": items})
+    if len(parts) == 6:
+      self._list(bucket, query)
       return
-    name = urllib.parse.unquote(parts[6])
+    self._get_object(bucket, parts[6], query)
+
+  def _get_object(self, bucket: str, quoted_name: str, query) -> None:
+    """An object's metadata, or with alt=media its bytes (a Range header:
+    those bytes, 416 from past its end)."""
+    name = urllib.parse.unquote(quoted_name)
     path = self._object(bucket, name)
     if not path.is_file():
       self._json(404, {"error": {"code": 404, "message": "not found"}})
@@ -120,7 +167,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       first, _, last = ranged.removeprefix("bytes=").partition("-")
       size = len(data)
       start = int(first) if first else size - int(last)
-      stop = int(last) + 1 if first and last else size
+      stop = min(int(last) + 1, size) if first and last else size
+      if start >= size:
+        self._reply(416, headers={"Content-Range": f"bytes */{size}"})
+        return
       headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
       data, code = data[start:stop], 206
     self._reply(code, data, headers)
@@ -178,6 +228,47 @@ class FakeGcsServer(http.server.ThreadingHTTPServer):
             "STORAGE_EMULATOR_HOST": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",
             "EPATH_USE_TF": "false", ROOT_ENV: self.root}
+
+  def tensorflow_env(self, directory: Path) -> dict[str, str]:
+    """Environment variables that send TensorFlow's GCS client here: this
+    server as its HTTPS proxy, trusting a certificate for the GCS hosts
+    that is made now and written to `directory`/fake_gcs.pem."""
+    certificate = Path(directory) / "fake_gcs.pem"
+    key = Path(directory) / "fake_gcs.key"
+    _write_certificate(certificate, key, [JSON_API_HOST, DOWNLOAD_HOST])
+    self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    self.tls.load_cert_chain(certificate, key)
+    return {"https_proxy": self.url, "HTTPS_PROXY": self.url,
+            "CURL_CA_BUNDLE": str(certificate),
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token"}
+
+
+def _write_certificate(certificate: Path, key: Path, hosts: list[str]
+                       ) -> None:
+  """A self-signed certificate (PEM) valid for `hosts` for a day, and its
+  private key."""
+  # pylint: disable=g-import-not-at-top
+  from cryptography import x509
+  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  from cryptography.x509.oid import NameOID
+  private = ec.generate_private_key(ec.SECP256R1())
+  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(private.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.SubjectAlternativeName(
+              [x509.DNSName(h) for h in hosts]), critical=False)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .sign(private, hashes.SHA256()))
+  certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+  key.write_bytes(private.private_bytes(
+      serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+      serialization.NoEncryption()))
 
 
 class FakeGcsFileSystem(DirFileSystem):

@@ -1,6 +1,7 @@
 """Faults of a real 2-process job (CPU collectives, 4 devices a process):
-a SIGTERM that reaches one process only, a process killed with kill -9, and
-reruns of the identical command into the same model directory."""
+a SIGTERM that reaches one process only (and the resume, each process from
+its own saved data position), a process killed with kill -9, and reruns of
+the identical command into the same model directory."""
 
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 
 from launch import local
 from launch.common import job_command
+from moe_jax import distributed
 from moe_jax.train import checkpoints
 from tests.test_multiprocess import (RUN_FLAGS, ROOT, _free_port, _losses,
                                      _train_two_processes)
@@ -79,11 +81,23 @@ def test_sigterm_to_one_process_stops_both_and_resumes_exactly(tmp_path):
   assert stopped < 8
   assert checkpoints.steps(job)[-1] == stopped
   assert "stopped early by a signal" in _log(job, 0)
+  # Each process saved where its own shard's stream stands.
+  tf = pytest.importorskip("tensorflow")
+  for pid in range(2):
+    prefix = job / checkpoints.DATA_DIR / str(stopped) / f"process_{pid}"
+    shards = {name.split("/")[0]
+              for name, _ in tf.train.list_variables(str(prefix))
+              if name.startswith("shard_")}
+    assert shards == {f"shard_{pid}"}, shards
 
   # The identical command twice: resumes and finishes, then finds it done;
   # never refused as "a different config".
   outs = [_train_two_processes(job, STEPS) for _ in range(2)]
   assert f"resumed from step {stopped}" in outs[0]
+  # Both processes continue from their saved positions (no replay), and the
+  # losses below show the batches are those of the uninterrupted run.
+  assert (f"data position of step {stopped}: restored on 2 of 2 processes\n"
+          in outs[0]), outs[0][-3000:]
   assert "resumed from step 8" in outs[1]
   want, got = _losses(reference), _losses(job)
   assert sorted(got) == sorted(want) == list(range(1, 9))
@@ -103,8 +117,18 @@ def test_killed_peer_ends_the_survivor_in_bounded_time(tmp_path):
   finally:
     _stop(processes)
   out = _log(job, 0)
-  assert code != 0, out[-3000:]
-  assert waited < 60, out[-3000:]
-  # The coordination service names the lost process (task 1).
-  assert re.search(r"heartbeats\):\s*1\b|Task 1 heartbeat timeout", out), (
-      out[-3000:])
+  # The survivor stops before JAX's heartbeat timeout would end it, with
+  # its own exit status and, as its last line, what was lost, when, and the
+  # command that resumes.
+  assert code == distributed.PEER_LOST_EXIT_CODE, out[-3000:]
+  assert waited < distributed.HEARTBEAT_TIMEOUT_S, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  stop = re.fullmatch(
+      rf"moe_jax: process 0 stops \(exit status {code}\): lost process 1 "
+      rf"of 2 \(no heartbeat for {distributed.PEER_TIMEOUT_S} s\) during "
+      r"step (\d+)\. Rerun the same command to resume from checkpoint "
+      rf"(\d+) in {re.escape(str(job))}", last)
+  assert stop, out[-3000:]
+  step, checkpoint = map(int, stop.groups())
+  assert checkpoint == checkpoints.steps(job)[-1] < step, last
+  assert step - 1 in _losses(job) and step not in _losses(job), last

@@ -1,13 +1,16 @@
 """Data files and `infer` files on a gs:// bucket (the offline fake of
-tests/fake_gcs.py, reached in-process through etils.epath and fsspec): a
-FLAN-style data directory (a JSONL export mixed by task with its cached line
-index, a chain-of-thought file) and an infer input read from it, the
-predictions file written to it; each read gives what the same file in a
-local folder gives, and nothing is written under the working directory."""
+tests/fake_gcs.py, reached in-process through etils.epath and fsspec, and
+for TFRecord files through TensorFlow's own GCS client): a FLAN-style data
+directory (a JSONL export mixed by task with its cached line index, a
+chain-of-thought file), a TFRecord file source, and an infer input read
+from it, the predictions file written to it; each read gives what the same
+file in a local folder gives, and nothing is written under the working
+directory."""
 
 import json
 
 import pytest
+import tensorflow as tf
 
 from moe_jax import infer
 from tasks import capped_source
@@ -89,6 +92,58 @@ def test_flan_data_dir_on_gs_reads_as_a_local_one(store, tmp_path,
   with pytest.raises(FileNotFoundError, match="gs://bucket/data/flan_cot/"
                      "aqua_train.tsv"):
     data_dir.require_file(src.cot_file("aqua"), "CoT aqua")
+
+
+@pytest.fixture
+def tensorflow_gcs(store, tmp_path, monkeypatch):
+  """TensorFlow's GCS client sent to the fake server over `store`."""
+  server = fake_gcs.FakeGcsServer(store).start()
+  for key, value in server.tensorflow_env(tmp_path).items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setenv("GCS_RETRY_CONFIG_MAX_RETRIES", "1")  # fail fast
+  yield
+  server.shutdown()
+
+
+def _write_tfrecord(path, rows):
+  path.parent.mkdir(parents=True)
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for row in rows:
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          k: tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[v.encode()])) for k, v in row.items()})
+                                   ).SerializeToString())
+
+
+@pytest.mark.usefixtures("tensorflow_gcs")
+def test_a_tfrecord_source_on_gs_reads_as_a_local_one(store, tmp_path,
+                                                      monkeypatch):
+  rows = [{"inputs": f"question {j} \u00e9", "targets": f"answer {j}"}
+          for j in range(6)]
+  relative = "qa/train.tfrecord"
+
+  def read():
+    source = file_sources.FileDataSource({"train": relative},
+                                         ("inputs", "targets"), "QA")
+    dataset = source.get_dataset("train", shuffle=False)
+    return (source.num_input_examples("train"), source.examples("train"),
+            [{k: v.decode() for k, v in ex.items()}
+             for ex in dataset.as_numpy_iterator()])
+
+  _write_tfrecord(tmp_path / "local" / relative, rows)
+  monkeypatch.setenv(data_dir.ENV_VAR, str(tmp_path / "local"))
+  local = read()
+  _write_tfrecord(store / "bucket" / "data" / relative, rows)
+  monkeypatch.setenv(data_dir.ENV_VAR, "gs://bucket/data")
+  # tf.data reads the records through TensorFlow's GCS client, which only
+  # the fake server can answer.
+  assert tf.io.gfile.exists(f"gs://bucket/data/{relative}")
+  assert read() == local == (6, rows, rows)
+  (store / "bucket" / "data" / "qa" / "empty.tfrecord").write_bytes(b"")
+  with pytest.raises(ValueError, match="gs://bucket/data/qa/empty.tfrecord: "
+                     "no examples"):
+    file_sources.FileDataSource({"train": "qa/empty.tfrecord"}, ("inputs",),
+                                "QA").examples("train")
 
 
 def test_infer_reads_inputs_from_and_writes_predictions_to_gs(store):

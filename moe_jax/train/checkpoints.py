@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe_jax import distributed
 from moe_jax.paths import as_path
 
 CONFIG_FILE = "config.gin"
@@ -270,7 +271,14 @@ class Checkpointer:
       raise ValueError(_restore_failure(self.model_dir, step,
                                         self.all_steps(), e)) from e
     if self._data is not None:
-      self._data.restore_position(step, self._data_dir(step))
+      restored_data = distributed.count(
+          self._data.restore_position(step, self._data_dir(step)))
+      if jax.process_index() == 0:
+        others = jax.process_count() - restored_data
+        print(f"data position of step {step}: restored on {restored_data} "
+              f"of {jax.process_count()} processes" +
+              (f"; {others} replay the stream from step 0" if others else ""),
+              flush=True)
     return restored
 
   def delete(self, step: int) -> None:

@@ -31,7 +31,8 @@ from moe_jax import distributed, flops, knobs, partitioning
 from moe_jax.axes import Logical
 from moe_jax.models import TransformerConfig, build_model
 from moe_jax.models import configured_model_config
-from moe_jax.train import eval_checks, loop, routing_monitor, warm_start
+from moe_jax.train import checkpoints, eval_checks, loop, routing_monitor
+from moe_jax.train import warm_start
 from moe_jax.train.checkpoints import Checkpointer
 from moe_jax.train.data import BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -268,11 +269,26 @@ def train(run: Run) -> TrainResult:
         step < cfg.num_steps):
       evaluate(step, state)
 
+  done = (checkpoints.steps(cfg.model_dir) or [0])[-1]  # steps finished
+
+  def on_step(step: int, metrics: dict) -> None:
+    nonlocal done
+    done = step
+    logger(step, metrics)
+
+  def situation() -> str:
+    saved = checkpoints.steps(cfg.model_dir)
+    resume = (f"resume from checkpoint {saved[-1]}" if saved else
+              "start again (no checkpoint yet)")
+    return (f"during step {done + 1}. Rerun the same command to {resume} "
+            f"in {cfg.model_dir}")
+
   shardings = trainer.state_shardings(jax.random.PRNGKey(cfg.seed))
-  with partitioning.axis_rules(trainer.mesh, trainer.rules):
+  with partitioning.axis_rules(trainer.mesh, trainer.rules), (
+      distributed.peer_watch(situation)):
     result = loop.train(
         trainer.model, trainer.optimizer, run.loss, trainer.batch,
-        cfg.num_steps, checkpointer, seed=cfg.seed, on_step=logger,
+        cfg.num_steps, checkpointer, seed=cfg.seed, on_step=on_step,
         initial_state=lambda key: trainer.initial_state(key, shardings),
         state_shardings=shardings,
         after_step=after_step if evaluator is not None else None)
