@@ -36,13 +36,19 @@ which is small next to the expert weights at moderate expert axis sizes.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.axes import DATA, EXPERT, MODEL
 from moe_jax.moe.dispatch import DispatchPath
 from moe_jax.moe.experts import ExpertDropout, ExpertFns, Weights
+from moe_jax.moe.ragged_all_to_all import ragged_all_to_all
 from moe_jax.moe.routing import RoutingDecision
 
 Array = jax.Array
@@ -108,7 +114,80 @@ def _device_index(mesh) -> Array:
   return index
 
 
-def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
+def receive_rows(num_rows: int, expert_shards: int,
+                 receive_factor: Optional[float]) -> int:
+  """Rows of a device's dropless receive buffer: ceil(receive_factor * M)
+  for the M rows each device sends, at most expert * M (every device's
+  rows); expert * M when receive_factor is None."""
+  worst = expert_shards * num_rows
+  if receive_factor is None:
+    return worst
+  return min(worst, math.ceil(receive_factor * num_rows))
+
+
+class ExchangePlan(NamedTuple):
+  """Who sends which rows where in the dropless exchange; the same on
+  every device of an "expert" slice of the mesh. X = expert axis size, L =
+  E / X local experts; device o owns experts o * L .. o * L + L - 1.
+
+  offsets: <int32>[X, E] where device s's rows of expert e start among its
+    sorted rows.
+  counts: <int32>[X, L, X] (owner o, local expert l, source s): rows s
+    sends o for expert o * L + l.
+  start: <int32>[X, L, X] where they start in o's receive buffer, which
+    holds them by local expert, then source.
+  accepted: <int32>[X, L, X] how many of them fit in that buffer (counts,
+    unless it overflowed).
+  capacity: rows of each receive buffer (`receive_rows`).
+  """
+  offsets: Array
+  counts: Array
+  start: Array
+  accepted: Array
+  capacity: int
+
+
+def _plan(group_sizes: Array, local_experts: int,
+          capacity: int) -> ExchangePlan:
+  """The plan from every device's group sizes <int32>[X, E]."""
+  shards = group_sizes.shape[0]
+  counts = jnp.transpose(
+      group_sizes.reshape(shards, shards, local_experts), (1, 2, 0))
+  flat = counts.reshape(shards, -1)
+  start = (jnp.cumsum(flat, axis=1) - flat).reshape(counts.shape)
+  return ExchangePlan(
+      offsets=jnp.cumsum(group_sizes, axis=1) - group_sizes, counts=counts,
+      start=start, accepted=jnp.clip(capacity - start, 0, counts),
+      capacity=capacity)
+
+
+def _checked(plan: ExchangePlan, num_rows: int,
+             receive_factor: Optional[float]) -> ExchangePlan:
+  """`plan`, after a host callback that raises a ValueError naming
+  `dropless_receive_factor` when some device was sent more rows than its
+  receive buffer holds. Every device computes the same flag and the
+  exchanges wait for the callback's (zero) result, so all devices stop at
+  the same point, before any collective that could wait on a stopped one."""
+
+  def check(sent):
+    owner = int(np.argmax(sent))
+    if sent[owner] > plan.capacity:
+      raise ValueError(
+          f"expert_parallel dropless: device {owner} of the 'expert' mesh "
+          f"axis was sent {sent[owner]} rows, more than its receive buffer "
+          f"of {plan.capacity} = ceil(dropless_receive_factor="
+          f"{receive_factor} * {num_rows}) rows; set "
+          f"MoeLayer.dropless_receive_factor >= {sent[owner] / num_rows:.3g} "
+          "(None: room for every row)")
+    return np.zeros((), np.int32)
+
+  zero = io_callback(check, jax.ShapeDtypeStruct((), jnp.int32),
+                     jnp.sum(plan.counts, axis=(1, 2)))
+  return plan._replace(accepted=plan.accepted + zero)
+
+
+def _exchanged(experts: ExpertFns, local_experts: int,
+               receive_factor: Optional[float]) -> ExpertFns:
   """`experts` (holding the local weights) behind the exchanges over
   "expert" and the sum over "model" described in the module docstring."""
 
@@ -119,24 +198,29 @@ def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
 
   def grouped(weights: Weights, rows: Array, group_sizes: Array,
               dropout: ExpertDropout) -> Array:
-    all_rows = jax.lax.all_gather(rows, EXPERT)  # [X, M, D]
-    all_sizes = jax.lax.all_gather(group_sizes, EXPERT)  # [X, E]
-    first = jax.lax.axis_index(EXPERT) * local_experts
-    row = jnp.arange(rows.shape[0])
-    expert = jax.vmap(lambda ends: jnp.searchsorted(ends, row, side="right"))(
-        jnp.cumsum(all_sizes, axis=1))  # [X, M]
-    local = expert - first
-    # Local experts' rows first, in expert order; all others after them.
-    key = jnp.where((local >= 0) & (local < local_experts), local,
-                    local_experts).reshape(-1)
-    order = jnp.argsort(key, stable=True)  # [X * M]
-    local_sizes = jnp.sum(jax.lax.dynamic_slice_in_dim(
-        all_sizes, first, local_experts, axis=1), axis=0)  # [E / X]
-    out = experts.grouped_fn(
-        weights, jnp.take(all_rows.reshape(-1, rows.shape[1]), order, axis=0),
-        local_sizes, dropout)
-    out = jnp.zeros_like(out).at[order].set(out).reshape(all_rows.shape)
-    out = jax.lax.psum_scatter(out, EXPERT, scatter_dimension=0)  # [M, D]
+    num_rows = rows.shape[0]  # M, this device's
+    plan = _checked(_plan(
+        jax.lax.all_gather(group_sizes, EXPERT), local_experts,
+        receive_rows(num_rows, group_sizes.shape[0] // local_experts,
+                     receive_factor)), num_rows, receive_factor)
+    me = jax.lax.axis_index(EXPERT)
+    # Out: slice e carries this device's rows of global expert e.
+    to_owner = (plan.offsets[me], plan.accepted[:, :, me].reshape(-1),
+                plan.start[:, :, me].reshape(-1))
+    # Back: slice i * L + l carries device i's rows of local expert l.
+    from_sources = (jnp.transpose(plan.start[me]).reshape(-1),
+                    jnp.transpose(plan.accepted[me]).reshape(-1),
+                    jax.lax.dynamic_slice_in_dim(
+                        plan.offsets, me * local_experts, local_experts,
+                        axis=1).reshape(-1))
+    received = ragged_all_to_all(
+        rows, jnp.zeros_like(rows, shape=(plan.capacity, rows.shape[1])),
+        *to_owner, from_sources[1], axis_name=EXPERT)  # [capacity, D]
+    out = experts.grouped_fn(weights, received,
+                             jnp.sum(plan.accepted[me], axis=1), dropout)
+    out = ragged_all_to_all(out, jnp.zeros_like(out, shape=rows.shape),
+                            *from_sources, to_owner[1],
+                            axis_name=EXPERT)  # [M, D]
     return jax.lax.psum(out, MODEL)
 
   return experts.replace(batched_fn=batched, grouped_fn=grouped,
@@ -144,13 +228,15 @@ def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
 
 
 def wrap(run: DispatchPath,
-         mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> DispatchPath:
+         mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+         receive_factor: Optional[float]) -> DispatchPath:
   """`run` inside `jax.shard_map` over `mesh` (see the module docstring).
 
   The result has `run`'s signature and computes the same function:
   (x <[G, S, D]>, decision for the global groups, E, experts, C) ->
   <[G, S, D]>, where `experts` holds the global weights. `mesh` is the one
-  `check_mesh` returned for these E, G and F.
+  `check_mesh` returned for these E, G and F; `receive_factor` sizes the
+  dropless receive buffers (`receive_rows`).
   """
 
   def sharded(x: Array, decision: RoutingDecision, num_experts: int,
@@ -161,7 +247,7 @@ def wrap(run: DispatchPath,
       local = experts.replace(weights=weights,
                               dropout=dropout.for_device(_device_index(mesh)))
       return run(x, decision, num_experts,
-                 _exchanged(local, local_experts), capacity)
+                 _exchanged(local, local_experts, receive_factor), capacity)
 
     weight_specs = {name: _weight_spec(name) for name in experts.weights}
     return jax.shard_map(

@@ -125,7 +125,14 @@ class MoeLayer(nn.Module):
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
       Same function either way (expert dropout: the same distribution,
-      one key per device).
+      one key per device). Dropless: a ragged all-to-all of the sorted
+      rows.
+    dropless_receive_factor: with expert_parallel and dispatch='dropless',
+      each device's buffer for the rows sent to its experts holds
+      ceil(factor * M) rows, M = its own tokens * K; balanced routing fills
+      1.0 of it, the worst case (every row to one device) the expert axis
+      size. Overflow is a run-time error naming this knob. None: room for
+      every row (memory O(expert * M)).
     dtype: activation dtype of the experts (router math is float32); a
       model sets its own activation dtype.
     param_dtype: dtype of the stored expert weights.
@@ -148,6 +155,7 @@ class MoeLayer(nn.Module):
   causal: bool = False
   allow_expert_choice_in_causal: bool = False
   expert_parallel: bool = False
+  dropless_receive_factor: Optional[float] = 2.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -181,6 +189,9 @@ class MoeLayer(nn.Module):
     # capacity these knobs give, so they are checked on every path.
     for knob in ("train_capacity_factor", "eval_capacity_factor"):
       check_capacity_factor(knob, getattr(self, knob))
+    if self.dropless_receive_factor is not None:
+      check_capacity_factor("dropless_receive_factor",
+                            self.dropless_receive_factor)
     if dispatch == Dispatch.DROPLESS and not self.router.supports_dropless:
       raise ValueError(f"dispatch='dropless' needs token choice routing; "
                        f"router={type(self.router).__name__} needs capacity")
@@ -294,7 +305,8 @@ class MoeLayer(nn.Module):
       # Checked before the experts create their weights, whose sharding
       # would fail with a less clear error.
       run = expert_parallel.wrap(run, expert_parallel.check_mesh(
-          self.num_experts, num_groups, self.expert_hidden_dim))
+          self.num_experts, num_groups, self.expert_hidden_dim),
+          self.dropless_receive_factor)
     dropout = ExpertDropout(
         None if deterministic or not self.expert_dropout_rate else
         self.make_rng("dropout"), self.expert_dropout_rate)

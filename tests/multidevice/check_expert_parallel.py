@@ -31,7 +31,7 @@ NUM_EXPERTS = common.NUM_EXPERTS
 # Collectives each path must compile to (HLO op names).
 COLLECTIVES = {Dispatch.SCATTER: ("all-to-all",),
                Dispatch.EINSUM: ("all-to-all",),
-               Dispatch.DROPLESS: ("all-gather", "reduce-scatter")}
+               Dispatch.DROPLESS: ("collective-permute",)}
 
 
 class LayerCase:
