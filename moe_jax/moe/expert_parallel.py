@@ -23,15 +23,19 @@ matmul's partial sums over the F shards are `psum`med over "model", and a
 second `all_to_all` returns the rows for the combine.
 
 Grouped layout (dropless): each device sorts its local (token, choice) rows
-<[M, D]> by expert; the rows and group sizes are all-gathered over
-"expert", each device sorts the gathered rows of its own experts first and
-runs the grouped matmul on them (the other rows fall past the group sizes
-and come out 0), and a reduce-scatter over "expert" returns every row, which
-exactly one device computed. This stays dropless with static shapes: a
-ragged all-to-all would move fewer bytes but needs per-device receive sizes
-known ahead (an upper bound, i.e. a capacity, or a second exchange of
-counts); the all-gather moves expert - 1 times the local M = N * K rows,
-which is small next to the expert weights at moderate expert axis sizes.
+<[M, D]> by expert, M = its N * K. An all-gather of the group sizes
+<int32>[E] over "expert" (X devices, E * X integers) gives every device the
+same `ExchangePlan`; a ragged all-to-all (`moe_jax.moe.ragged_all_to_all`)
+then sends each expert's rows only to the device owning it, landing in a
+receive buffer sorted by local expert (then source), so the local grouped
+matmul runs on it directly; a second ragged all-to-all returns the results
+to their rows, and a `psum` over "model" adds the F shards. The receive
+buffer has ceil(dropless_receive_factor * M) rows (`receive_rows`, at most
+X * M): balanced routing fills 1 / factor of it. Per-device activation
+memory is O(M) rows, not the O(X * M) of gathering every device's rows.
+More rows sent to one device than its buffer holds is a run-time
+ValueError naming the knob (a host callback; the rows that did not fit
+would come back as 0, never written out of bounds).
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.axes import DATA, EXPERT, MODEL
@@ -181,9 +184,14 @@ def _checked(plan: ExchangePlan, num_rows: int,
           "(None: room for every row)")
     return np.zeros((), np.int32)
 
-  zero = io_callback(check, jax.ShapeDtypeStruct((), jnp.int32),
-                     jnp.sum(plan.counts, axis=(1, 2)))
-  return plan._replace(accepted=plan.accepted + zero)
+  # pure_callback (not io_callback, whose effect remat refuses): the check
+  # is a function of its input; a remat may run it twice.
+  zero = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.int32),
+                           jnp.sum(plan.counts, axis=(1, 2)))
+  # Every collective of the exchange reads the result (XLA may run
+  # independent work concurrently, so order alone would not hold them).
+  return plan._replace(offsets=plan.offsets + zero, start=plan.start + zero,
+                       accepted=plan.accepted + zero)
 
 
 def _exchanged(experts: ExpertFns, local_experts: int,

@@ -9,8 +9,9 @@ Started by tests/test_expert_parallel.py; exits non-zero on a mismatch.
   and expert 7 none (its device receives nothing), the expert-parallel
   dropless layer gives the loss and gradients of the one-device layer with
   receive buffers of 5 M rows (4 M needed, 8 M the worst case) on
-  (1, 8, 1) and room for every row (None) on (2, 4, 1); inside the
-  shard_map the compiled program all-gathers only int32 counts, never rows.
+  (1, 8, 1) and room for every row (None) on (2, 4, 1), rematerialized;
+  inside the shard_map the compiled program all-gathers only int32 counts,
+  never rows.
 * With dropless_receive_factor=2 the same layer fails, naming the knob and
   the factor it needed.
 * Lowered for GPU, that exchange and its gradient use XLA's op (the
@@ -98,9 +99,11 @@ class SkewedCase:
     tokens = self.x.shape[0] * self.x.shape[1]
     assert load[0] == tokens and load[7] == 0, load
 
-  def grad_fn(self, layer):
-    return jax.jit(jax.value_and_grad(
-        lambda p, x: common.layer_loss(layer, p, x)))
+  def grad_fn(self, layer, remat=False):
+    loss = lambda p, x: common.layer_loss(layer, p, x)
+    if remat:  # as a model with remat_policy='dots_with_batch' runs it
+      loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)
+    return jax.jit(jax.value_and_grad(loss))
 
 
 def all_gathered_types(hlo: str) -> set[str]:
@@ -113,12 +116,14 @@ def all_gathered_types(hlo: str) -> set[str]:
 
 def check_skewed(case, rules):
   want = case.grad_fn(case.plain)(nn.unbox(case.boxed), case.x)
-  for shape, factor in (((1, 8, 1), 5.0), ((2, 4, 1), None)):
-    label = f"skewed dropless {shape} dropless_receive_factor={factor}"
+  for shape, factor, remat in (((1, 8, 1), 5.0, False),
+                               ((2, 4, 1), None, True)):
+    label = (f"skewed dropless {shape} dropless_receive_factor={factor}"
+             f"{' remat' if remat else ''}")
     mesh = partitioning.make_mesh(*shape)
     layer = case.plain.clone(expert_parallel=True,
                              dropless_receive_factor=factor)
-    fn = case.grad_fn(layer)
+    fn = case.grad_fn(layer, remat)
     sharded = common.place(case.boxed, mesh, rules, label)
     xs = jax.device_put(case.x, partitioning.replicated(mesh))
     with partitioning.axis_rules(mesh, rules):
