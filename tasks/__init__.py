@@ -11,6 +11,7 @@ from tasks import flan2022
 from tasks import heldout
 from tasks import mini_flan
 from tasks import mmlu
+from tasks import qa
 from tasks import reasoning
 from tasks import seqio_logging
 from tasks import vocab
@@ -32,6 +33,7 @@ def register_all() -> None:
   mmlu.register(features)
   bbh.register(features)
   reasoning.register(features)
+  qa.register(features)
   heldout.register()
 
 

@@ -1,18 +1,21 @@
-"""A JSONL source mixed by task: per-task caps, order-free shuffle, sharding.
+"""A JSONL or TSV file source, streamed, optionally mixed by task.
 
-One file holds the examples of many tasks (a `task_name` field per line).
-Each epoch draws min(n_t, cap) examples of every task t, so a task's share of
-the stream is min(n_t, cap) / sum over tasks of min(n, cap) -- the capped
-example-proportional mixing of FLAN, by task rather than by file.
+A file may hold the examples of many tasks (a task field per line, e.g.
+the FLAN exports' `task_name`). Each epoch then draws min(n_t, cap)
+examples of every task t, so a task's share of the stream is
+min(n_t, cap) / sum over tasks of min(n, cap) -- the capped
+example-proportional mixing of FLAN, by task rather than by file. A file
+without a task field is one task, read whole each epoch (its cap, if any,
+belongs to its mixture's rate, as in FLAN).
 
 Which examples an epoch draws and in what order they come is decided by a
 hash of each line's bytes with the seed and the epoch number, never by the
 line's position: the same lines in another order give the same stream. Host
 j of J reads every J-th example of that order (by seeking to it), so a host
-parses only its own share. The file is indexed once (`line_index`).
+parses only its own share. The file is indexed once (`line_index`), in
+one streaming pass; no file is ever held in memory.
 """
 
-import json
 from typing import (Callable, Dict, Iterator, Mapping, Optional, Sequence,
                     Tuple)
 
@@ -22,6 +25,7 @@ import tensorflow as tf
 
 from moe_jax import paths
 from tasks import data_dir
+from tasks import line_formats
 from tasks import line_index
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -36,11 +40,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
   return x ^ (x >> np.uint64(31))
 
 
-def epoch_lines(index: line_index.LineIndex, cap: int, seed: int, epoch: int,
-                shuffle: bool) -> np.ndarray:
+def epoch_lines(index: line_index.LineIndex, cap: Optional[int], seed: int,
+                epoch: int, shuffle: bool) -> np.ndarray:
   """<int64>[M] line numbers of one epoch, M = sum over tasks of
-  min(n_t, cap): each task's lines of smallest hash key, ordered by key
-  (shuffle) or by position in the file (no shuffle)."""
+  min(n_t, cap) (every line when `cap` is None): each task's lines of
+  smallest hash key, ordered by key (shuffle) or by position in the file
+  (no shuffle)."""
+  if cap is None:
+    cap = len(index.offsets)
   salt = _mix(_mix(np.array([seed % 2**64], np.uint64) * _GOLDEN) ^
               (np.array([epoch], np.uint64) * _GOLDEN))
   keys = _mix(index.fingerprints ^ salt)
@@ -53,17 +60,24 @@ def epoch_lines(index: line_index.LineIndex, cap: int, seed: int, epoch: int,
   return np.sort(chosen)
 
 
-class CappedJsonlSource(seqio.DataSource):
-  """One JSONL file (`relative_path` under data_dir()) of several tasks.
+class CappedFileSource(seqio.DataSource):
+  """One JSONL or TSV file (`relative_path` under data_dir(); the format is
+  its extension) of one or several tasks. Only the "train" split.
 
-  `fields` are the string fields of each example; `task_field` names the
-  task; `cap()` is the examples-per-task cap (read at each use, so gin can
-  set it). Only the "train" split.
+  `fields` are the string fields of each example (a TSV's columns, in
+  order). `task_field` names the task of a file of several, and `cap()` is
+  the examples-per-task cap (read at each use, so gin can set it); both
+  None for a file of one task.
   """
 
   def __init__(self, relative_path: str, fields: Sequence[str],
-               task_field: str, cap: Callable[[], int], description: str):
-    if task_field not in fields:
+               description: str, *, task_field: Optional[str] = None,
+               cap: Optional[Callable[[], int]] = None):
+    line_formats.parse(relative_path)  # a known format
+    if (task_field is None) != (cap is None):
+      raise ValueError(f"{relative_path}: task_field and cap go together "
+                       f"(got task_field={task_field!r}, cap={cap!r})")
+    if task_field is not None and task_field not in fields:
       raise ValueError(f"task_field {task_field!r} must be one of {fields}")
     self._relative_path = relative_path
     self._fields = tuple(fields)
@@ -84,37 +98,47 @@ class CappedJsonlSource(seqio.DataSource):
   def path(self) -> str:
     return data_dir.require_file(self._relative_path, self._description)
 
+  def cap(self) -> Optional[int]:
+    """Examples per task in an epoch (None: all of them)."""
+    return self._cap() if self._cap else None
+
   def index(self) -> line_index.LineIndex:
-    """The file's index, rebuilt when the data dir or the file changes."""
+    """The file's index, rebuilt when the data dir or the file changes;
+    ValueError naming the file when it has no example."""
     path = self.path()
     key = (path, paths.version(path))
     if key not in self._indices:
-      self._indices = {key: line_index.load_or_build(path, self._task_field)}
+      index = line_index.load_or_build(path, self._fields, self._task_field)
+      if not len(index.offsets):
+        raise ValueError(f"{path}: no examples in {self._description}; the "
+                         "file is empty (a partial copy?). Copy it again, or "
+                         "leave its task out")
+      self._indices = {key: index}
     return self._indices[key]
 
   def task_counts(self) -> Dict[str, int]:
-    """{task name: examples in the file}."""
+    """{task name: examples in the file} ({"": n} for a file of one task)."""
     return self.index().counts()
 
   def capped_counts(self) -> Dict[str, int]:
     """{task name: min(examples, cap)}: what one epoch holds of each."""
-    cap = self._cap()
-    return {t: min(n, cap) for t, n in self.task_counts().items()}
+    cap = self.cap()
+    return {t: n if cap is None else min(n, cap)
+            for t, n in self.task_counts().items()}
 
   def num_input_examples(self, split: str) -> int:
     return sum(self.capped_counts().values())
 
   def _read(self, lines: np.ndarray) -> Iterator[Mapping[str, str]]:
     path, offsets = self.path(), self.index().offsets
+    parse = line_formats.parse(path)
     with paths.as_path(path).open("rb") as f:
       for line in lines:
-        f.seek(int(offsets[line]))
-        record = json.loads(f.readline())
-        missing = [k for k in self._fields if k not in record]
-        if missing:
-          raise ValueError(f"{path}: line at byte {int(offsets[line])}: "
-                           f"missing field(s) {missing}")
-        yield {k: str(record[k]) for k in self._fields}
+        offset = int(offsets[line])
+        f.seek(offset)
+        where = f"{path}: line at byte {offset}"
+        # Every line was decoded and checked when this version was indexed.
+        yield parse(f.readline().decode("utf-8"), self._fields, where)
 
   def get_dataset(self, split: str = "train", shuffle: bool = True,
                   seed: Optional[int] = None,
@@ -131,7 +155,7 @@ class CappedJsonlSource(seqio.DataSource):
     index = self.index()  # here, so a bad file is a plain error, not tf's
 
     def generate():
-      lines = epoch_lines(index, self._cap(), seed or 0,
+      lines = epoch_lines(index, self.cap(), seed or 0,
                           next(epochs) if shuffle else 0, shuffle)
       yield from self._read(lines[shard.index::shard.num_shards])
 

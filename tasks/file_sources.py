@@ -6,7 +6,6 @@ line (or record) number, and a split file without examples one naming the
 file (an empty file would otherwise drop its task from a mixture: rate 0).
 """
 
-import json
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import seqio
@@ -15,39 +14,18 @@ import tensorflow as tf
 from moe_jax import paths
 from moe_jax.text import text_lines
 from tasks import data_dir
+from tasks import line_formats
 
 Example = Dict[str, str]
 
 
-def read_jsonl(path: str, fields: Sequence[str]) -> Iterator[Example]:
-  """Yields {field: str} per non-empty line; every field must be present."""
+def read_lines(path: str, fields: Sequence[str]) -> Iterator[Example]:
+  """Yields {field: str} per non-blank line of a JSONL file (every field
+  present) or a TSV file (one column per field); `line_formats`."""
+  parse = line_formats.parse(path)
   for lineno, line in text_lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(record, dict):
-      raise ValueError(f"{path}:{lineno}: expected a JSON object")
-    missing = [k for k in fields if k not in record]
-    if missing:
-      raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-    yield {k: str(record[k]) for k in fields}
-
-
-def read_tsv(path: str, fields: Sequence[str]) -> Iterator[Example]:
-  """Yields {field: str} per non-empty line of exactly len(fields) columns."""
-  for lineno, line in text_lines(path):
-    line = line.rstrip("\n").rstrip("\r")
-    if not line:
-      continue
-    cols = line.split("\t")
-    if len(cols) != len(fields):
-      raise ValueError(f"{path}:{lineno}: expected {len(fields)} "
-                       f"tab-separated columns {list(fields)}, got "
-                       f"{len(cols)}")
-    yield dict(zip(fields, cols))
+    if not line_formats.is_blank(line):
+      yield parse(line, fields, f"{path}:{lineno}")
 
 
 def read_tfrecord(path: str, fields: Sequence[str]) -> Iterator[Example]:
@@ -66,11 +44,13 @@ def read_tfrecord(path: str, fields: Sequence[str]) -> Iterator[Example]:
 
 
 READERS: Dict[str, Callable[[str, Sequence[str]], Iterator[Example]]] = {
-    "jsonl": read_jsonl, "tsv": read_tsv, "tfrecord": read_tfrecord}
+    "jsonl": read_lines, "tsv": read_lines, "tfrecord": read_tfrecord}
 
 
 class FileDataSource(seqio.FunctionDataSource):
-  """One file per split under data_dir(), read in full at first use.
+  """One file per split under data_dir(), read in full at first use: for
+  small files (a user's eval splits, TFRecords). Training files too large
+  to hold on every host stream through `capped_source.CappedFileSource`.
 
   `split_files` maps split -> path relative to the data directory; the
   format is the file extension (jsonl, tsv or tfrecord). Examples are dicts

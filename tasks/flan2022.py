@@ -13,7 +13,8 @@ min(its train examples, cap[submix]); the variants of a sub-mixture share it
 equally; `flan2022` weighs the sub-mixtures by weight[submix]. A JSONL export
 holds many tasks and is mixed by each example's `task_name`
 (`capped_source`): its rate is the sum of its tasks' capped sizes, and it
-draws each task in that proportion. Rates are computed when a mixture is
+draws each task in that proportion. A CoT TSV is one task, streamed by the
+same source. Rates are computed when a mixture is
 first used; caps and weights are gin knobs of `mixing`.
 """
 
@@ -66,7 +67,9 @@ class FewshotSource(seqio.experimental.FewshotDataSource):
 def capped_size(task: seqio.Task, submix: str) -> float:
   """Examples of `task` one epoch of the mixture draws: min(train examples,
   cap of `submix`), summed over the tasks of a by-task export."""
-  if isinstance(task.source, capped_source.CappedJsonlSource):
+  source = task.source
+  if (isinstance(source, capped_source.CappedFileSource) and
+      source.cap() is not None):
     return float(task.num_input_examples(RATE_SPLIT))  # capped by task
   caps, _ = mixing()
   return float(min(task.num_input_examples(RATE_SPLIT), caps[submix]))
@@ -137,11 +140,11 @@ def _register_dataset(dataset: src.FlanDataset, features, post
 
 def export_source(submix: str, variant: str) -> seqio.DataSource:
   """The task-capped JSONL source of `submix`'s export file for `variant`."""
-  return capped_source.CappedJsonlSource(
-      src.export_file(submix, variant), src.EXPORT_FIELDS, "task_name",
-      cap=lambda: mixing()[0][submix],
-      description=f"FLAN 2022 export of {submix} ({variant}; JSONL with "
-      f"fields {', '.join(src.EXPORT_FIELDS)})")
+  return capped_source.CappedFileSource(
+      src.export_file(submix, variant), src.EXPORT_FIELDS,
+      f"FLAN 2022 export of {submix} ({variant}; JSONL with fields "
+      f"{', '.join(src.EXPORT_FIELDS)})", task_field="task_name",
+      cap=lambda: mixing()[0][submix])
 
 
 def register(features: Mapping[str, seqio.Feature]) -> None:

@@ -1,4 +1,5 @@
-"""Datasets of the FLAN 2022 mixture: TFDS, FLAN CoT TSVs, JSONL exports.
+"""Datasets of the FLAN 2022 mixture: TFDS, FLAN CoT TSVs, JSONL exports
+(both file kinds streamed by `capped_source`).
 
 A representative, correct set of TFDS datasets (names and versions as TFDS
 publishes them) with templates written for this project, the seven FLAN
@@ -13,7 +14,7 @@ from typing import Callable, Dict, Mapping, Tuple
 import seqio
 import tensorflow as tf
 
-from tasks import file_sources
+from tasks import capped_source
 
 SUBMIXES = ("flan2021", "t0", "niv2", "cot", "dialog")
 # Template variants; cot, niv2 and dialog have options-only variants.
@@ -189,10 +190,11 @@ def cot_file(name: str) -> str:
 
 
 def _cot_source(name: str) -> Callable[[], seqio.DataSource]:
-  return lambda: file_sources.FileDataSource(
-      {"train": cot_file(name)}, COT_FIELDS,
-      f"FLAN chain-of-thought data {name!r} (TSV: question, answer, "
-      "rationale)")
+  """The file of one task, streamed through its line index (its cap is
+  in the mixture's rate)."""
+  return lambda: capped_source.CappedFileSource(
+      cot_file(name), COT_FIELDS, f"FLAN chain-of-thought data {name!r} "
+      "(TSV: question, answer, rationale)")
 
 
 COT_DATASETS_SPECS = tuple(

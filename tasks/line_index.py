@@ -1,12 +1,15 @@
-"""Line index of a JSONL file: where each line starts, its group, its hash.
+"""Line index of a JSONL or TSV file: where each example's line starts, its
+group, its hash.
 
-Built in one streaming pass (the file is never held in memory) and cached
-next to the file as `<file>.index.npz`, stamped with the file's size and
-modification time so that a changed file is re-indexed. Where the folder is
-not writable the index is kept for the process only. The file and the cache
+Built in one streaming pass (the file is never held in memory), which also
+checks every line (`line_formats`: a malformed line names the file and the
+1-based line), and cached next to the file as `<file>.index.npz`, stamped
+with the file's size and modification time so that a changed file is
+re-indexed. Where the folder is not writable the index is kept for the
+process only. The file and the cache
 may be local or remote (gs://...; `moe_jax.paths`).
 
-N below is the number of non-empty lines of the file.
+N below is the number of non-blank lines of the file.
 """
 
 import dataclasses
@@ -14,11 +17,12 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from moe_jax import paths, text
+from tasks import line_formats
 
 INDEX_SUFFIX = ".index.npz"
 
@@ -29,7 +33,8 @@ class LineIndex:
     offsets: <int64>[N] byte offset of each non-empty line.
     groups: <int32>[N] index into `names` of each line's group field.
     fingerprints: <uint64>[N] hash of each line's bytes (its order key).
-    names: the distinct group values, in order of first appearance.
+    names: the distinct group values, in order of first appearance; ("",)
+      for a file without a group field (one group), () for an empty file.
   """
   offsets: np.ndarray
   groups: np.ndarray
@@ -42,23 +47,22 @@ class LineIndex:
     return {name: int(n) for name, n in zip(self.names, per)}
 
 
-def build(path: str, group_field: str) -> LineIndex:
-  """Streams `path` once; ValueError names the file and 1-based line."""
+def build(path: str, fields: Sequence[str],
+          group_field: Optional[str] = None) -> LineIndex:
+  """Streams `path` once, parsing each line into `fields` (its format by
+  the extension); `group_field` (one of `fields`) groups the lines, None
+  puts them in one group. ValueError names the file and 1-based line."""
+  parse = line_formats.parse(path)
   offsets, groups, prints, ids = [], [], [], {}
   with paths.as_path(path).open("rb") as f:
-    offset, lineno = 0, 0
-    for line in f:
-      lineno += 1
-      if line.strip():
-        try:
-          record = json.loads(text.decode_line(line, path, lineno))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or group_field not in record:
-          raise ValueError(f"{path}:{lineno}: expected a JSON object with "
-                           f"the field {group_field!r}")
+    offset = 0
+    for lineno, line in enumerate(f, 1):
+      decoded = text.decode_line(line, path, lineno)
+      if not line_formats.is_blank(decoded):
+        record = parse(decoded, fields, f"{path}:{lineno}")
         offsets.append(offset)
-        groups.append(ids.setdefault(str(record[group_field]), len(ids)))
+        group = record[group_field] if group_field else ""
+        groups.append(ids.setdefault(group, len(ids)))
         prints.append(int.from_bytes(hashlib.blake2b(
             line.rstrip(b"\r\n"), digest_size=8).digest(), "little"))
       offset += len(line)
@@ -66,22 +70,30 @@ def build(path: str, group_field: str) -> LineIndex:
                    np.array(prints, np.uint64), tuple(ids))
 
 
-def load_or_build(path: str, group_field: str) -> LineIndex:
-  """The cached index of `path` when its stamp matches, else a new one
-  (written to the cache when the folder allows)."""
+def _spec(fields: Sequence[str], group_field: Optional[str]) -> str:
+  """What an index was built for; a cache built for other fields is
+  rebuilt (its lines were checked against those)."""
+  return json.dumps({"fields": list(fields), "group_field": group_field})
+
+
+def load_or_build(path: str, fields: Sequence[str],
+                  group_field: Optional[str] = None) -> LineIndex:
+  """The cached index of `path` when its stamp and spec match, else a new
+  one (`build`; written to the cache when the folder allows)."""
   cache = paths.as_path(path + INDEX_SUFFIX)
   stamp = np.array(paths.version(path), np.int64)
+  spec = _spec(fields, group_field)
   if cache.exists():
     with cache.open("rb") as f, np.load(f, allow_pickle=False) as z:
-      if (np.array_equal(z["stamp"], stamp) and
-          str(z["group_field"]) == group_field):
+      if (np.array_equal(z["stamp"], stamp) and "spec" in z.files and
+          str(z["spec"]) == spec):
         return LineIndex(z["offsets"], z["groups"], z["fingerprints"],
                          tuple(str(n) for n in z["names"]))
-  index = build(path, group_field)
+  index = build(path, fields, group_field)
   tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
   try:
     with tmp.open("wb") as f:
-      np.savez(f, stamp=stamp, group_field=np.array(group_field),
+      np.savez(f, stamp=stamp, spec=np.array(spec),
                offsets=index.offsets, groups=index.groups,
                fingerprints=index.fingerprints,
                names=np.array(index.names, dtype=str))

@@ -88,3 +88,22 @@ def final_number_accuracy(targets: Sequence[str],
     hits.append(want is not None and got is not None and
                 abs(want - got) <= 1e-6)
   return {"number_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def yes_no(text: str) -> Optional[str]:
+  """"yes" or "no": the first such word of a response's final answer
+  (`extract_answer`), lowercased; None when it has neither."""
+  m = _YES_NO.search(extract_answer(text))
+  return m.group(1).lower() if m else None
+
+
+def yes_no_accuracy(targets: Sequence[str], predictions: Sequence[str]
+                    ) -> Dict[str, float]:
+  """Percentage of predictions whose final yes/no (`yes_no`) is the
+  target's (StrategyQA-style questions)."""
+  hits = [yes_no(p) is not None and yes_no(p) == yes_no(t)
+          for t, p in zip(targets, predictions)]
+  return {"yes_no_accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0}

@@ -77,17 +77,26 @@ def register_suite(prefix: str, items: Iterable[str],
                    splits: Sequence[str],
                    metric_fns: Sequence[Callable],
                    features: Mapping[str, seqio.Feature],
+                   item_metric_fns: Optional[
+                       Mapping[str, Sequence[Callable]]] = None,
                    rank_modes: Sequence[str] = (),
                    rank_items: Optional[Iterable[str]] = None) -> None:
   """Registers `<prefix>_<item>_<mode>` tasks and `<prefix>_<mode>` mixtures,
   and the rank tasks and mixtures of `rank_modes` (module docstring).
 
   `modes` maps the name used in task names to the value passed to `rows`
-  (e.g. {"5shot": 5}). `rank_items` defaults to every item. SeqIO refuses
-  names already registered.
+  (e.g. {"5shot": 5}). Generated text is scored by `metric_fns`, or by
+  `item_metric_fns[item]` for the items it names (an item answered
+  differently). `rank_items` defaults to every item. SeqIO refuses names
+  already registered.
   """
   post = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
   items = tuple(items)
+  item_metric_fns = item_metric_fns or {}
+  unknown = sorted(set(item_metric_fns) - set(items))
+  if unknown:
+    raise ValueError(f"{prefix}: item_metric_fns names unknown items "
+                     f"{unknown}")
   ranked = items if rank_items is None else tuple(rank_items)
   for mode_name, mode in modes.items():
     names = [f"{prefix}_{item}_{mode_name}" for item in items]
@@ -97,7 +106,7 @@ def register_suite(prefix: str, items: Iterable[str],
               functools.partial(_dataset, rows=rows, item=item, mode=mode),
               splits=tuple(splits)),
           preprocessors=post, output_features=features,
-          metric_fns=list(metric_fns))
+          metric_fns=list(item_metric_fns.get(item, metric_fns)))
     seqio.MixtureRegistry.add(f"{prefix}_{mode_name}", names,
                               default_rate=1.0)
     if mode_name not in rank_modes:

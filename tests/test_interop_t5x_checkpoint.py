@@ -1,18 +1,23 @@
 """T5X-format checkpoints written by real T5X (t5x.checkpoints.Checkpointer)
 read into moe_jax: dense T5 v1.1, Switch (tied logits) and ST-MoE (extra
-dense FFN) layouts under flaxformer's names; refusals; warm start.
+dense FFN) layouts under flaxformer's names; refusals; warm start; the main
+command fine-tuning from one.
 
 What this shows without flaxformer (not installed, so its model never
 runs here): the files are T5X's own (written and re-read by T5X's
 checkpointer); the names and shapes are flaxformer's (a hand-written table
 from flaxformer's source); the reader gives back bitwise the parameters
-and logits that were written; and, for the Switch layout, a checkpoint made
-from a random HF SwitchTransformers model by transformers' own T5X
-conversion rules (run backwards, written out here) gives HF's logits
-within 1e-4 (tied and untied logits, with and without dropped tokens). HF's
-Switch is flaxformer's function, so that is the closest available check of
-"the logits of the flaxformer model that wrote the checkpoint". The dense
-and ST-MoE layouts are checked only against the table."""
+and logits that were written; and, for the dense T5 v1.1 and the Switch
+layouts, a checkpoint made from a random HF T5 / SwitchTransformers model
+by transformers' own T5X conversion rules (run backwards, written out
+here) gives HF's logits within 1e-4 (gated-gelu with a separate head;
+Switch with tied and untied logits, with and without dropped tokens). HF's
+T5 and Switch are flaxformer's functions, so that is the closest available
+check of "the logits of the flaxformer model that wrote the checkpoint".
+transformers has no model of ST-MoE's layout (gated experts, an extra
+dense FFN after each sparse one); its parts other than the extra FFN are
+the two checked layouts' (gated kernels, router, stacked experts), and the
+extra FFN is checked only against the table."""
 
 import dataclasses
 import re
@@ -188,6 +193,35 @@ def test_refuses_configs_and_paths_without_counterpart(tmp_path):
   assert not t5x_checkpoint.is_t5x_checkpoint(tmp_path)
 
 
+def scanned(flat, num_layers=2):
+  """flaxformer's scanned layout (flaxformer's testdata
+  encoder_scanned_per_layer_relpos_bias.json) of unscanned {name: array}:
+  `{stack}/layers_<i>/X` stacked on axis 1 as `{stack}/{stack}/X`, and a
+  relative position bias per layer (scanned stacks cannot share one)."""
+  out = {}
+  for stack in ("encoder", "decoder"):
+    layer_names = {n.split("/", 2)[2] for n in flat
+                   if n.startswith(f"{stack}/layers_")}
+    layers = [{n: flat.pop(f"{stack}/layers_{i}/{n}") for n in layer_names}
+              for i in range(num_layers)]
+    layers = [{**layer, "relpos_bias/rel_embedding": flat[
+        f"{stack}/relpos_bias/rel_embedding"]} for layer in layers]
+    del flat[f"{stack}/relpos_bias/rel_embedding"]
+    for n in layers[0]:
+      out[f"{stack}/{stack}/{n}"] = np.stack([l[n] for l in layers], axis=1)
+  return {**flat, **out}
+
+
+def test_refuses_scanned_checkpoints(tmp_path):
+  cfg = config("t5_1_1")
+  flat = scanned(flaxformer_names.export_params(random_params(cfg), cfg))
+  assert flat["encoder/encoder/attention/query/kernel"].shape == (16, 2, 8)
+  step_dir = write_t5x(flat, tmp_path)
+  with pytest.raises(ValueError, match=r"decoder/decoder/.*: a scanned "
+                     r"flaxformer checkpoint.*one relative position bias"):
+    t5x_checkpoint.import_t5x(step_dir, cfg)
+
+
 def test_warm_start_from_t5x_checkpoint(tmp_path):
   """TrainConfig(init_checkpoint=..., init_format='t5x'): matching copies
   every weight; upcycling reads the dense counterpart into the experts."""
@@ -229,9 +263,9 @@ _HF_LAYER = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)"
                        r"\.weight")
 
 
-def flaxformer_from_hf_switch(state_dict, tied):
-  """{flaxformer name: float32 array} of a HF SwitchTransformers state dict:
-  transformers' T5X -> PyTorch conversion rules for Switch, run backwards
+def flaxformer_from_hf(state_dict, tied):
+  """{flaxformer name: float32 array} of a HF T5 or SwitchTransformers
+  state dict: transformers' T5X -> PyTorch conversion rules, run backwards
   (written here from those rules, not through moe_jax's interop). Kernels
   are torch's Linear weights transposed ([in, out]); expert kernels stack
   to [E, in, out]; the relative bias table is [H, buckets]; the query is
@@ -265,7 +299,7 @@ def flaxformer_from_hf_switch(state_dict, tied):
       elif parts[1] == "experts":          # mlp.experts.expert_{e}.wi
         name = f"{prefix}/mlp/expert/{parts[3]}/kernel"
         experts.setdefault(name, {})[int(parts[2][len("expert_"):])] = w.T
-      else:                                # mlp.wi, mlp.wo
+      else:              # mlp.wi, mlp.wo; T5: DenseReluDense.wi_0, ...
         out[f"{prefix}/mlp/{parts[1]}/kernel"] = w.T
   for name, per_expert in experts.items():
     out[name] = np.stack([per_expert[e] for e in sorted(per_expert)])
@@ -290,10 +324,33 @@ def test_t5x_checkpoint_of_a_hf_switch_model_gives_its_logits(
              dict(encoder_length=switch.ENC_LEN,
                   decoder_length=switch.DEC_LEN))
   cfg = hf_switch.config_from_hf(model.config, **lengths)
-  step_dir = write_t5x(flaxformer_from_hf_switch(model.state_dict(), tied),
+  step_dir = write_t5x(flaxformer_from_hf(model.state_dict(), tied),
                        tmp_path)
   params = t5x_checkpoint.import_t5x(step_dir, cfg)
   enc, dec_in, dec_tgt = switch.batch()
   expected = switch.hf_logits(model, enc, dec_in)
   ours = np.asarray(switch.our_logits(params, cfg, enc, dec_in, dec_tgt))
+  assert np.max(np.abs(ours - expected)) <= 1e-4
+
+
+def test_t5x_checkpoint_of_a_hf_t5_model_gives_its_logits(tmp_path):
+  """A random HF T5 v1.1 (gated-gelu, a head of its own, 2 encoder and 3
+  decoder layers), renamed to flaxformer's names by transformers'
+  conversion rules and written by T5X's Checkpointer, read by `import_t5x`
+  into the config `hf_t5.config_from_hf` makes, gives HF's logits."""
+  from moe_jax.interop import hf_t5
+  from tests import test_interop_hf as t5
+  model = t5.hf_model()
+  with t5.torch.no_grad():   # differs from `shared`: a swap would show
+    model.lm_head.weight = t5.torch.nn.Parameter(
+        t5.torch.randn_like(model.shared.weight))
+  cfg = hf_t5.config_from_hf(model.config)
+  assert not cfg.logits_via_embedding
+  step_dir = write_t5x(flaxformer_from_hf(model.state_dict(), tied=False),
+                       tmp_path)
+  assert (step_dir / "target.decoder.logits_dense.kernel").exists()
+  params = t5x_checkpoint.import_t5x(step_dir, cfg)
+  enc, dec_in, dec_tgt = t5.batch()
+  expected = t5.hf_logits(model, enc, dec_in)
+  ours = np.asarray(t5.our_logits(params, cfg, enc, dec_in, dec_tgt))
   assert np.max(np.abs(ours - expected)) <= 1e-4

@@ -16,9 +16,10 @@ COLUMNS = ("preset", "stack", "source", "E", "k", "sparse layers",
 
 
 def _table() -> list[dict]:
-  """The preset table's rows, as {column: cell}."""
-  lines = [line for line in (ROOT / "docs/presets.md").read_text().splitlines()
-           if line.startswith("|")]
+  """The preset table's rows (the page's first table), as {column: cell}."""
+  text = (ROOT / "docs/presets.md").read_text()
+  first = text[text.index("\n|") + 1:].split("\n\n", 1)[0]
+  lines = first.splitlines()
   cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
   assert tuple(cells(lines[0])) == COLUMNS, cells(lines[0])
   return [dict(zip(COLUMNS, cells(line))) for line in lines[2:]]

@@ -12,7 +12,6 @@ import pytest
 from moe_jax import infer
 from tasks import capped_source
 from tasks import data_dir
-from tasks import file_sources
 from tasks import flan2022_sources as src
 from tasks import line_index
 from tests import fake_gcs
@@ -53,14 +52,16 @@ def _write_data(folder):
 def _read_data():
   """(export stream of two epochs, task counts, CoT examples) of the data
   directory that MOE_JAX_DATA_DIR names."""
-  export = capped_source.CappedJsonlSource(
-      EXPORT, src.EXPORT_FIELDS, "task_name", cap=lambda: 4,
-      description="FLAN export")
+  export = capped_source.CappedFileSource(
+      EXPORT, src.EXPORT_FIELDS, "FLAN export", task_field="task_name",
+      cap=lambda: 4)
   dataset = export.get_dataset("train", shuffle=True, seed=3).repeat(2)
   stream = [ex["inputs"].decode() for ex in dataset.as_numpy_iterator()]
-  cot = file_sources.FileDataSource({"train": COT}, src.COT_FIELDS, "CoT")
+  cot = capped_source.CappedFileSource(COT, src.COT_FIELDS, "CoT")
+  examples = [{k: v.decode() for k, v in ex.items()} for ex in
+              cot.get_dataset("train", shuffle=False).as_numpy_iterator()]
   return stream, export.task_counts(), (cot.num_input_examples("train"),
-                                        cot.examples("train"))
+                                        examples)
 
 
 def test_flan_data_dir_on_gs_reads_as_a_local_one(store, tmp_path,
@@ -81,7 +82,8 @@ def test_flan_data_dir_on_gs_reads_as_a_local_one(store, tmp_path,
   # The line index is cached in the bucket, next to the export.
   cached = store / "bucket" / "data" / (EXPORT + line_index.INDEX_SUFFIX)
   assert cached.is_file()
-  index = line_index.load_or_build(f"gs://bucket/data/{EXPORT}", "task_name")
+  index = line_index.load_or_build(f"gs://bucket/data/{EXPORT}",
+                                   src.EXPORT_FIELDS, "task_name")
   assert index.counts() == counts
 
   with pytest.raises(FileNotFoundError, match="gs://bucket/data/flan_cot/"

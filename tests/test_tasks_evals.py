@@ -261,13 +261,14 @@ def test_reasoning_task_and_final_number_metric(reasoning_dir):
 
 
 def test_heldout_average_is_per_benchmark():
-  """FLAN-MoE's held-out mixture averages MMLU, BBH and reasoning once
-  each, not their 87 tasks."""
+  """FLAN-MoE's held-out mixture averages MMLU, BBH, reasoning and QA once
+  each, not their 91 tasks."""
   per_task = {}
-  for suite, value in zip(heldout.SUITES, (40.0, 30.0, 10.0)):
+  for suite, value in zip(heldout.SUITES, (40.0, 30.0, 10.0, 60.0)):
     for task in seqio.get_mixture_or_task(suite).tasks:
       per_task[task.name] = {"m": value}
+  assert len(per_task) == 57 + 27 + 4 + 3
   out = eval_averages.averages(heldout.NAME, per_task)
   assert out["mmlu_5shot/average"]["score"] == pytest.approx(40.0)
-  assert out[f"{heldout.NAME}/average"]["score"] == pytest.approx(80 / 3)
+  assert out[f"{heldout.NAME}/average"]["score"] == pytest.approx(140 / 4)
   assert eval_averages.averages("mmlu_anatomy_5shot", per_task) == {}

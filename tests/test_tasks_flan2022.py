@@ -171,16 +171,16 @@ def test_malformed_lines_named(tmp_path):
   bad_json = tmp_path / "a.jsonl"
   bad_json.write_text('{"inputs": "x", "targets": "y"}\n\n{oops\n')
   with pytest.raises(ValueError, match=f"{bad_json}:3: not valid JSON"):
-    list(file_sources.read_jsonl(str(bad_json), ("inputs", "targets")))
+    list(file_sources.read_lines(str(bad_json), ("inputs", "targets")))
   missing = tmp_path / "b.jsonl"
   missing.write_text('{"inputs": "x"}\n')
   with pytest.raises(ValueError, match=r"b.jsonl:1: missing field\(s\) "
                      r"\['targets'\]"):
-    list(file_sources.read_jsonl(str(missing), ("inputs", "targets")))
+    list(file_sources.read_lines(str(missing), ("inputs", "targets")))
   tsv = tmp_path / "c.tsv"
   tsv.write_text("q\ta\tr\nq\ta\n")
   with pytest.raises(ValueError, match="c.tsv:2: expected 3"):
-    list(file_sources.read_tsv(str(tsv), src.COT_FIELDS))
+    list(file_sources.read_lines(str(tsv), src.COT_FIELDS))
 
 
 def test_tfrecord_source(tmp_path, monkeypatch):
@@ -218,33 +218,6 @@ def test_unknown_name_lists_close_names():
   with pytest.raises(ValueError, match="flan2022_cot"):
     tasks.get_mixture_or_task("flan2022_cott")
   assert tasks.get_mixture_or_task("flan2022").name == "flan2022"
-
-
-def test_real_flan_cot_files_when_present():
-  """Reads the user's FLAN CoT TSVs from the configured data directory."""
-  path = os.path.join(data_dir.data_dir(), src.cot_file("gsm8k"))
-  if not os.path.exists(path):
-    pytest.skip(f"no FLAN CoT data at {path}")
-  for name in src.COT_DATASETS:
-    rows = list(file_sources.read_tsv(
-        os.path.join(data_dir.data_dir(), src.cot_file(name)),
-        src.COT_FIELDS))
-    assert rows and all(r["question"] and r["answer"] for r in rows), name
-  sizes = {}
-  for name in src.COT_DATASETS:
-    with open(os.path.join(data_dir.data_dir(), src.cot_file(name)),
-              encoding="utf-8") as f:
-      sizes[name] = min(sum(1 for line in f if line.strip()),
-                        flan2022.DEFAULT_CAPS["cot"])
-  mix = seqio.get_mixture_or_task("flan2022_cot")
-  variants = src.SUBMIX_VARIANTS["cot"]
-  for variant in variants:
-    task = seqio.get_mixture_or_task(f"flan2022_cot_gsm8k_{variant}")
-    assert mix.get_rate(task) == pytest.approx(
-        sizes["gsm8k"] / sum(sizes.values()) / len(variants))
-  batch = _packed_batch(seqio.get_mixture_or_task(
-      "flan2022_cot_gsm8k_fs_opt"))
-  assert batch["encoder_segment_ids"].max() >= 1
 
 
 def test_import_takes_no_network():

@@ -36,8 +36,9 @@ def _write(path, rows):
 
 
 def _source(relative, cap=10):
-  return capped_source.CappedJsonlSource(relative, FIELDS, "task_name",
-                                         cap=lambda: cap, description="test")
+  return capped_source.CappedFileSource(relative, FIELDS, "test",
+                                        task_field="task_name",
+                                        cap=lambda: cap)
 
 
 def _epochs(source, epochs=1, shard=None, seed=7, shuffle=True):
@@ -98,7 +99,7 @@ def test_hosts_read_disjoint_shares_of_one_epoch(data):
 def test_index_cached_and_rebuilt_when_the_file_changes(data, monkeypatch):
   path = data / "mix.jsonl"
   _write(path, _rows())
-  first = line_index.load_or_build(str(path), "task_name")
+  first = line_index.load_or_build(str(path), FIELDS, "task_name")
   assert os.path.exists(str(path) + line_index.INDEX_SUFFIX)
   with open(path, "rb") as f:
     f.seek(int(first.offsets[5]))
@@ -109,24 +110,26 @@ def test_index_cached_and_rebuilt_when_the_file_changes(data, monkeypatch):
     raise AssertionError("re-indexed an unchanged file")
 
   monkeypatch.setattr(line_index, "build", refuse)
-  again = line_index.load_or_build(str(path), "task_name")
+  again = line_index.load_or_build(str(path), FIELDS, "task_name")
   assert again.counts() == SIZES
   np.testing.assert_array_equal(again.fingerprints, first.fingerprints)
   _write(path, _rows({"big": 3, "other": 2}))
   os.utime(path, ns=(1, 1))
   monkeypatch.setattr(line_index, "build", real_build)
-  assert line_index.load_or_build(str(path), "task_name").counts() == {
+  assert line_index.load_or_build(str(path), FIELDS, "task_name").counts() == {
       "big": 3, "other": 2}
 
 
 def test_bad_lines_named(data):
   path = data / "bad.jsonl"
-  path.write_text('{"task_name": "a"}\n\n{oops\n')
+  path.write_text(json.dumps(_rows()[0]) + '\n\n{oops\n')
   with pytest.raises(ValueError, match=f"{path}:3: not valid JSON"):
-    line_index.build(str(path), "task_name")
-  path.write_text('{"inputs": "x"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:1: .*'task_name'"):
-    line_index.build(str(path), "task_name")
+    line_index.build(str(path), FIELDS, "task_name")
+  # Every field is checked when the file is indexed, not when read.
+  path.write_text(json.dumps(dict(_rows()[0], task_name="a")) + "\n" +
+                  '{"inputs": "x", "targets": "y", "template_type": "z"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'task_name'"):
+    line_index.build(str(path), FIELDS, "task_name")
 
 
 def _export_rows(submix, variant, sizes):
@@ -173,7 +176,7 @@ def test_real_flan_cot_files_as_one_multi_task_file(tmp_path):
     pytest.skip(f"no FLAN CoT data under {root}")
   rows, lines = [], {}
   for name in src.COT_DATASETS:
-    examples = list(file_sources.read_tsv(
+    examples = list(file_sources.read_lines(
         os.path.join(root, src.cot_file(name)), src.COT_FIELDS))
     lines[name] = len(examples)
     rows += [{"inputs": e["question"], "targets": e["answer"],
@@ -181,7 +184,8 @@ def test_real_flan_cot_files_as_one_multi_task_file(tmp_path):
              for e in examples]
   _write(tmp_path / "cot.jsonl", rows)
   cap = 3000
-  index = line_index.load_or_build(str(tmp_path / "cot.jsonl"), "task_name")
+  index = line_index.load_or_build(str(tmp_path / "cot.jsonl"), FIELDS,
+                                   "task_name")
   assert index.counts() == lines
   epoch = capped_source.epoch_lines(index, cap, seed=0, epoch=0,
                                     shuffle=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 from etils import epath
 from flax import serialization, traverse_util
@@ -118,6 +118,32 @@ def _read(leaf: Any) -> np.ndarray:
   return np.asarray(leaf, np.float32)
 
 
+# Where flaxformer's scanned stacks keep their layers (`scan_layers=True`).
+_SCANNED_PREFIXES = ("encoder/encoder/", "decoder/decoder/")
+
+
+def check_unscanned(names: Iterable[str]) -> None:
+  """Raises for the names of a scanned flaxformer checkpoint.
+
+  Scanned flaxformer stacks keep every layer's arrays stacked (along
+  `scan_axis`, default 1) under `encoder/encoder/` and `decoder/decoder/`,
+  and cannot share a relative position bias: each layer holds its own
+  table. moe_jax's models (unrolled or scanned) share one table per
+  stack, so restacking the arrays would not give a model they can run.
+
+  Raises:
+    ValueError: naming the first scanned weight.
+  """
+  scanned = sorted(n for n in names if n.startswith(_SCANNED_PREFIXES))
+  if scanned:
+    raise ValueError(
+        f"{scanned[0]}: a scanned flaxformer checkpoint (scan_layers=True: "
+        "layers stacked under encoder/encoder/, decoder/decoder/, with one "
+        "relative position bias per layer); it is not read, since moe_jax's "
+        "models share one relative position bias per stack. Start from an "
+        "unscanned checkpoint (encoder/layers_<i>/...)")
+
+
 def import_params(weights: Mapping[str, Any], config: TransformerConfig, *,
                   allow_non_finite: bool = False) -> dict[str, Any]:
   """moe_jax `params` (nested dict of float32 numpy arrays) from
@@ -129,9 +155,11 @@ def import_params(weights: Mapping[str, Any], config: TransformerConfig, *,
     ValueError: a weight the config does not describe is left over, a
       shape differs from the config's (both at import, before any array is
       read), a weight holds NaN or inf (unless `allow_non_finite`), or the
-      config has no flaxformer counterpart.
+      config has no flaxformer counterpart, or the checkpoint is a scanned
+      one (`check_unscanned`).
   """
   weights = dict(weights)
+  check_unscanned(weights)
   layout = flaxformer_names.layout(config)
   expected = layout.flaxformer_shapes()
   checks.check_names(weights, expected)
