@@ -30,12 +30,16 @@ then sends each expert's rows only to the device owning it, landing in a
 receive buffer sorted by local expert (then source), so the local grouped
 matmul runs on it directly; a second ragged all-to-all returns the results
 to their rows, and a `psum` over "model" adds the F shards. The receive
-buffer has ceil(dropless_receive_factor * M) rows (`receive_rows`, at most
-X * M): balanced routing fills 1 / factor of it. Per-device activation
-memory is O(M) rows, not the O(X * M) of gathering every device's rows.
-More rows sent to one device than its buffer holds is a run-time
-ValueError naming the knob (a host callback; the rows that did not fit
-would come back as 0, never written out of bounds).
+buffer has `receive_rows` rows: X * M by default (dropless_receive_factor
+None), room for every row, so nothing is dropped, or ceil(factor * M)
+(at most X * M) when a factor is set: balanced routing fills 1 / factor of
+it. Per-device activation memory is O(factor * M) rows, not the O(X * M) of
+room for (or gathering) every device's rows. With a factor, the rows that
+do not fit stay where they are (the first rows of each slice are sent, by
+local expert, then source): `drop_overflow`, run on the decision before the
+layer, marks their choices not dispatched with gate 0, so they add nothing
+to the output, get no gradient, and count in the layer's `MoeStats` like
+choices dropped over capacity.
 """
 
 from __future__ import annotations
@@ -45,14 +49,13 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.axes import DATA, EXPERT, MODEL
-from moe_jax.moe.dispatch import DispatchPath
+from moe_jax.moe.dispatch import DispatchPath, sort_by_expert
 from moe_jax.moe.experts import ExpertDropout, ExpertFns, Weights
 from moe_jax.moe.ragged_all_to_all import ragged_all_to_all
-from moe_jax.moe.routing import RoutingDecision
+from moe_jax.moe.routing import RoutingDecision, TokenChoice
 
 Array = jax.Array
 
@@ -119,9 +122,9 @@ def _device_index(mesh) -> Array:
 
 def receive_rows(num_rows: int, expert_shards: int,
                  receive_factor: Optional[float]) -> int:
-  """Rows of a device's dropless receive buffer: ceil(receive_factor * M)
-  for the M rows each device sends, at most expert * M (every device's
-  rows); expert * M when receive_factor is None."""
+  """Rows of a device's dropless receive buffer for the M rows each device
+  sends: expert * M (every device's rows) when receive_factor is None,
+  else ceil(receive_factor * M), at most expert * M."""
   worst = expert_shards * num_rows
   if receive_factor is None:
     return worst
@@ -139,8 +142,8 @@ class ExchangePlan(NamedTuple):
     sends o for expert o * L + l.
   start: <int32>[X, L, X] where they start in o's receive buffer, which
     holds them by local expert, then source.
-  accepted: <int32>[X, L, X] how many of them fit in that buffer (counts,
-    unless it overflowed).
+  accepted: <int32>[X, L, X] how many of them fit in that buffer (their
+    first rows; counts, unless it overflowed).
   capacity: rows of each receive buffer (`receive_rows`).
   """
   offsets: Array
@@ -150,10 +153,13 @@ class ExchangePlan(NamedTuple):
   capacity: int
 
 
-def _plan(group_sizes: Array, local_experts: int,
-          capacity: int) -> ExchangePlan:
-  """The plan from every device's group sizes <int32>[X, E]."""
+def _plan(group_sizes: Array, num_rows: int, local_experts: int,
+          receive_factor: Optional[float]) -> ExchangePlan:
+  """Inside `jax.shard_map`: the plan from this device's group sizes
+  <int32>[E] of its M = `num_rows` rows (all-gathered over "expert")."""
+  group_sizes = jax.lax.all_gather(group_sizes, EXPERT)  # [X, E]
   shards = group_sizes.shape[0]
+  capacity = receive_rows(num_rows, shards, receive_factor)
   counts = jnp.transpose(
       group_sizes.reshape(shards, shards, local_experts), (1, 2, 0))
   flat = counts.reshape(shards, -1)
@@ -164,34 +170,34 @@ def _plan(group_sizes: Array, local_experts: int,
       capacity=capacity)
 
 
-def _checked(plan: ExchangePlan, num_rows: int,
-             receive_factor: Optional[float]) -> ExchangePlan:
-  """`plan`, after a host callback that raises a ValueError naming
-  `dropless_receive_factor` when some device was sent more rows than its
-  receive buffer holds. Every device computes the same flag and the
-  exchanges wait for the callback's (zero) result, so all devices stop at
-  the same point, before any collective that could wait on a stopped one."""
+def drop_overflow(decision: TokenChoice,
+                  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                  num_experts: int, receive_factor: float) -> TokenChoice:
+  """`decision` for the global groups <[G, S, K]> with the choices whose
+  rows do not fit in their owner's receive buffer of `receive_rows` rows
+  marked not dispatched, gate 0: the rows the dropless exchange leaves out,
+  from the same `ExchangePlan` (`mesh` as `check_mesh` returned it)."""
+  local_experts = num_experts // mesh.shape[EXPERT]
 
-  def check(sent):
-    owner = int(np.argmax(sent))
-    if sent[owner] > plan.capacity:
-      raise ValueError(
-          f"expert_parallel dropless: device {owner} of the 'expert' mesh "
-          f"axis was sent {sent[owner]} rows, more than its receive buffer "
-          f"of {plan.capacity} = ceil(dropless_receive_factor="
-          f"{receive_factor} * {num_rows}) rows; set "
-          f"MoeLayer.dropless_receive_factor >= {sent[owner] / num_rows:.3g} "
-          "(None: room for every row)")
-    return np.zeros((), np.int32)
+  def body(expert_index, gates, dispatched):
+    order, group_sizes = sort_by_expert(expert_index, num_experts)
+    num_rows = order.shape[0]  # M, this device's
+    plan = _plan(group_sizes, num_rows, local_experts, receive_factor)
+    me = jax.lax.axis_index(EXPERT)
+    pairs = expert_index.reshape(-1)
+    # Each pair's position among this device's rows of its expert.
+    rank = jnp.zeros_like(order).at[order].set(
+        jnp.arange(num_rows, dtype=order.dtype))
+    position = rank - plan.offsets[me][pairs]
+    owner, local = jnp.divmod(pairs, local_experts)
+    fits = (position < plan.accepted[owner, local, me]).reshape(
+        expert_index.shape)
+    return jnp.where(fits, gates, 0), dispatched & fits
 
-  # pure_callback (not io_callback, whose effect remat refuses): the check
-  # is a function of its input; a remat may run it twice.
-  zero = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.int32),
-                           jnp.sum(plan.counts, axis=(1, 2)))
-  # Every collective of the exchange reads the result (XLA may run
-  # independent work concurrently, so order alone would not hold them).
-  return plan._replace(offsets=plan.offsets + zero, start=plan.start + zero,
-                       accepted=plan.accepted + zero)
+  gates, dispatched = jax.shard_map(
+      body, mesh=mesh, in_specs=GROUPS, out_specs=GROUPS)(
+          decision.expert_index, decision.gates, decision.dispatched)
+  return decision.replace(gates=gates, dispatched=dispatched)
 
 
 def _exchanged(experts: ExpertFns, local_experts: int,
@@ -207,10 +213,7 @@ def _exchanged(experts: ExpertFns, local_experts: int,
   def grouped(weights: Weights, rows: Array, group_sizes: Array,
               dropout: ExpertDropout) -> Array:
     num_rows = rows.shape[0]  # M, this device's
-    plan = _checked(_plan(
-        jax.lax.all_gather(group_sizes, EXPERT), local_experts,
-        receive_rows(num_rows, group_sizes.shape[0] // local_experts,
-                     receive_factor)), num_rows, receive_factor)
+    plan = _plan(group_sizes, num_rows, local_experts, receive_factor)
     me = jax.lax.axis_index(EXPERT)
     # Out: slice e carries this device's rows of global expert e.
     to_owner = (plan.offsets[me], plan.accepted[:, :, me].reshape(-1),

@@ -5,8 +5,9 @@ Started by tests/test_expert_parallel.py with the cases to run ("layer",
 router, the MoE layer and a tiny sparse T5 with `expert_parallel=True` under
 the mesh give the loss and gradients of the plain layer / model on one
 device; expert kernels hold E / expert experts per
-device; the compiled program has an all-to-all (capacity paths) or an
-all-gather and reduce-scatter (dropless); num_experts not divisible by the
+device; the compiled program has an all-to-all (capacity paths) or a
+collective-permute (dropless: the CPU ragged exchange, by default with room
+for every row); num_experts not divisible by the
 expert axis is a ValueError.
 """
 
@@ -68,10 +69,7 @@ class ModelCase:
               "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
               "decoder_loss_weights": np.ones((8, 4), np.float32)}
     self.plain = build_model(config)
-    # 8 rows per device in an untrained model: loads vary by more than the
-    # default receive factor of 2 allows (check_ragged_exchange tests it).
-    self.parallel = build_model(config.with_moe_layers(
-        expert_parallel=True, dropless_receive_factor=None))
+    self.parallel = build_model(config.with_moe_layers(expert_parallel=True))
     self.boxed = self.plain.init(jax.random.key(1), **model_inputs(self.x),
                                  enable_dropout=False)["params"]
 
