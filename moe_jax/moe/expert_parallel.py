@@ -34,12 +34,12 @@ buffer has `receive_rows` rows: X * M by default (dropless_receive_factor
 None), room for every row, so nothing is dropped, or ceil(factor * M)
 (at most X * M) when a factor is set: balanced routing fills 1 / factor of
 it. Per-device activation memory is O(factor * M) rows, not the O(X * M) of
-room for (or gathering) every device's rows. With a factor, the rows that
-do not fit stay where they are (the first rows of each slice are sent, by
-local expert, then source): `drop_overflow`, run on the decision before the
-layer, marks their choices not dispatched with gate 0, so they add nothing
-to the output, get no gradient, and count in the layer's `MoeStats` like
-choices dropped over capacity.
+room for (or gathering) every device's rows. With a factor, each owner
+fills its buffer by local expert, then source, then the source's row order,
+and the rows that do not fit are not sent: `drop_overflow`, which the layer
+runs on the decision before dispatch, marks their choices not dispatched
+with gate 0, so they add nothing to the output, get no gradient, and count
+in the layer's `MoeStats` like choices dropped over capacity.
 """
 
 from __future__ import annotations
