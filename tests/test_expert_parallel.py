@@ -46,3 +46,18 @@ def test_expert_dropout_matches_one_device_in_distribution_on_8_devices():
 def test_expert_parallel_matches_one_device_on_8_fake_devices(case):
   # 4 routers x 5 meshes, each printing one "ok" line.
   assert run_check("check_expert_parallel", case).count("ok ") == 20
+
+
+def test_dropless_receive_factor_is_checked_at_construction():
+  with pytest.raises(ValueError, match="dropless_receive_factor=0"):
+    layer(dropless_receive_factor=0)
+  # Default: room for every row, nothing dropped.
+  assert layer().dropless_receive_factor is None
+
+
+def test_dropless_exchange_on_8_fake_devices():
+  # Skewed loads (an expert receiving nothing) on 2 meshes, counted drops
+  # past a small receive factor, the exchange's docstring example and its
+  # GPU lowering.
+  out = run_check("check_ragged_exchange")
+  assert out.count("ok ") == 5, out

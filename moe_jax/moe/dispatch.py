@@ -206,6 +206,18 @@ def scatter_dispatch(x: Array, decision: RoutingDecision, num_experts: int,
     return combined.at[group_index[..., 0], token_index].add(weighted)
 
 
+def sort_by_expert(expert_index: Array,
+                   num_experts: int) -> tuple[Array, Array]:
+  """The dropless path's row order: (order <int32>[M], group sizes
+  <int32>[E]) for the M = G * S * K (token, choice) pairs of `expert_index`
+  <int32>[G, S, K] flattened; pair order[i] is the i-th row, sorted by
+  expert, pairs of one expert in their flat order."""
+  expert_of_pair = expert_index.reshape(-1)  # [M]
+  order = jnp.argsort(expert_of_pair, stable=True)
+  return order, jnp.bincount(expert_of_pair,
+                             length=num_experts).astype(jnp.int32)
+
+
 def dropless_dispatch(x: Array, decision: TokenChoice, num_experts: int,
                       experts: ExpertFns,
                       capacity: Optional[int] = None) -> Array:
@@ -222,11 +234,8 @@ def dropless_dispatch(x: Array, decision: TokenChoice, num_experts: int,
   groups, group_size, width = x.shape
   k = decision.expert_index.shape[-1]
   with jax.named_scope("dispatch"):
-    expert_of_pair = decision.expert_index.reshape(-1)  # [M]
-    order = jnp.argsort(expert_of_pair, stable=True)  # [M]
+    order, group_sizes = sort_by_expert(decision.expert_index, num_experts)
     rows = jnp.take(x.reshape(-1, width), order // k, axis=0)  # [M, D]
-    group_sizes = jnp.bincount(expert_of_pair,
-                               length=num_experts).astype(jnp.int32)
   with jax.named_scope("experts"):
     out_sorted = experts.grouped(rows, group_sizes)
   with jax.named_scope("combine"):

@@ -23,27 +23,39 @@ matmul's partial sums over the F shards are `psum`med over "model", and a
 second `all_to_all` returns the rows for the combine.
 
 Grouped layout (dropless): each device sorts its local (token, choice) rows
-<[M, D]> by expert; the rows and group sizes are all-gathered over
-"expert", each device sorts the gathered rows of its own experts first and
-runs the grouped matmul on them (the other rows fall past the group sizes
-and come out 0), and a reduce-scatter over "expert" returns every row, which
-exactly one device computed. This stays dropless with static shapes: a
-ragged all-to-all would move fewer bytes but needs per-device receive sizes
-known ahead (an upper bound, i.e. a capacity, or a second exchange of
-counts); the all-gather moves expert - 1 times the local M = N * K rows,
-which is small next to the expert weights at moderate expert axis sizes.
+<[M, D]> by expert, M = its N * K. An all-gather of the group sizes
+<int32>[E] over "expert" (X devices, E * X integers) gives every device the
+same `ExchangePlan`; a ragged all-to-all (`moe_jax.moe.ragged_all_to_all`)
+then sends each expert's rows only to the device owning it, landing in a
+receive buffer sorted by local expert (then source), so the local grouped
+matmul runs on it directly; a second ragged all-to-all returns the results
+to their rows, and a `psum` over "model" adds the F shards. The receive
+buffer has `receive_rows` rows: X * M by default (dropless_receive_factor
+None), room for every row, so nothing is dropped, or ceil(factor * M)
+(at most X * M) when a factor is set: balanced routing fills 1 / factor of
+it. Per-device activation memory is O(factor * M) rows, not the O(X * M) of
+room for (or gathering) every device's rows. With a factor, each owner
+fills its buffer by local expert, then source, then the source's row order,
+and the rows that do not fit are not sent: `drop_overflow`, which the layer
+runs on the decision before dispatch, marks their choices not dispatched
+with gate 0, so they add nothing to the output, get no gradient, and count
+in the layer's `MoeStats` like choices dropped over capacity.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.axes import DATA, EXPERT, MODEL
-from moe_jax.moe.dispatch import DispatchPath
+from moe_jax.moe.dispatch import DispatchPath, sort_by_expert
 from moe_jax.moe.experts import ExpertDropout, ExpertFns, Weights
-from moe_jax.moe.routing import RoutingDecision
+from moe_jax.moe.ragged_all_to_all import ragged_all_to_all
+from moe_jax.moe.routing import RoutingDecision, TokenChoice
 
 Array = jax.Array
 
@@ -108,7 +120,88 @@ def _device_index(mesh) -> Array:
   return index
 
 
-def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
+def receive_rows(num_rows: int, expert_shards: int,
+                 receive_factor: Optional[float]) -> int:
+  """Rows of a device's dropless receive buffer for the M rows each device
+  sends: expert * M (every device's rows) when receive_factor is None,
+  else ceil(receive_factor * M), at most expert * M."""
+  worst = expert_shards * num_rows
+  if receive_factor is None:
+    return worst
+  return min(worst, math.ceil(receive_factor * num_rows))
+
+
+class ExchangePlan(NamedTuple):
+  """Who sends which rows where in the dropless exchange; the same on
+  every device of an "expert" slice of the mesh. X = expert axis size, L =
+  E / X local experts; device o owns experts o * L .. o * L + L - 1.
+
+  offsets: <int32>[X, E] where device s's rows of expert e start among its
+    sorted rows.
+  counts: <int32>[X, L, X] (owner o, local expert l, source s): rows s
+    sends o for expert o * L + l.
+  start: <int32>[X, L, X] where they start in o's receive buffer, which
+    holds them by local expert, then source.
+  accepted: <int32>[X, L, X] how many of them fit in that buffer (their
+    first rows; counts, unless it overflowed).
+  capacity: rows of each receive buffer (`receive_rows`).
+  """
+  offsets: Array
+  counts: Array
+  start: Array
+  accepted: Array
+  capacity: int
+
+
+def _plan(group_sizes: Array, num_rows: int, local_experts: int,
+          receive_factor: Optional[float]) -> ExchangePlan:
+  """Inside `jax.shard_map`: the plan from this device's group sizes
+  <int32>[E] of its M = `num_rows` rows (all-gathered over "expert")."""
+  group_sizes = jax.lax.all_gather(group_sizes, EXPERT)  # [X, E]
+  shards = group_sizes.shape[0]
+  capacity = receive_rows(num_rows, shards, receive_factor)
+  counts = jnp.transpose(
+      group_sizes.reshape(shards, shards, local_experts), (1, 2, 0))
+  flat = counts.reshape(shards, -1)
+  start = (jnp.cumsum(flat, axis=1) - flat).reshape(counts.shape)
+  return ExchangePlan(
+      offsets=jnp.cumsum(group_sizes, axis=1) - group_sizes, counts=counts,
+      start=start, accepted=jnp.clip(capacity - start, 0, counts),
+      capacity=capacity)
+
+
+def drop_overflow(decision: TokenChoice,
+                  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                  num_experts: int, receive_factor: float) -> TokenChoice:
+  """`decision` for the global groups <[G, S, K]> with the choices whose
+  rows do not fit in their owner's receive buffer of `receive_rows` rows
+  marked not dispatched, gate 0: the rows the dropless exchange leaves out,
+  from the same `ExchangePlan` (`mesh` as `check_mesh` returned it)."""
+  local_experts = num_experts // mesh.shape[EXPERT]
+
+  def body(expert_index, gates, dispatched):
+    order, group_sizes = sort_by_expert(expert_index, num_experts)
+    num_rows = order.shape[0]  # M, this device's
+    plan = _plan(group_sizes, num_rows, local_experts, receive_factor)
+    me = jax.lax.axis_index(EXPERT)
+    pairs = expert_index.reshape(-1)
+    # Each pair's position among this device's rows of its expert.
+    rank = jnp.zeros_like(order).at[order].set(
+        jnp.arange(num_rows, dtype=order.dtype))
+    position = rank - plan.offsets[me][pairs]
+    owner, local = jnp.divmod(pairs, local_experts)
+    fits = (position < plan.accepted[owner, local, me]).reshape(
+        expert_index.shape)
+    return jnp.where(fits, gates, 0), dispatched & fits
+
+  gates, dispatched = jax.shard_map(
+      body, mesh=mesh, in_specs=GROUPS, out_specs=GROUPS)(
+          decision.expert_index, decision.gates, decision.dispatched)
+  return decision.replace(gates=gates, dispatched=dispatched)
+
+
+def _exchanged(experts: ExpertFns, local_experts: int,
+               receive_factor: Optional[float]) -> ExpertFns:
   """`experts` (holding the local weights) behind the exchanges over
   "expert" and the sum over "model" described in the module docstring."""
 
@@ -119,24 +212,26 @@ def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
 
   def grouped(weights: Weights, rows: Array, group_sizes: Array,
               dropout: ExpertDropout) -> Array:
-    all_rows = jax.lax.all_gather(rows, EXPERT)  # [X, M, D]
-    all_sizes = jax.lax.all_gather(group_sizes, EXPERT)  # [X, E]
-    first = jax.lax.axis_index(EXPERT) * local_experts
-    row = jnp.arange(rows.shape[0])
-    expert = jax.vmap(lambda ends: jnp.searchsorted(ends, row, side="right"))(
-        jnp.cumsum(all_sizes, axis=1))  # [X, M]
-    local = expert - first
-    # Local experts' rows first, in expert order; all others after them.
-    key = jnp.where((local >= 0) & (local < local_experts), local,
-                    local_experts).reshape(-1)
-    order = jnp.argsort(key, stable=True)  # [X * M]
-    local_sizes = jnp.sum(jax.lax.dynamic_slice_in_dim(
-        all_sizes, first, local_experts, axis=1), axis=0)  # [E / X]
-    out = experts.grouped_fn(
-        weights, jnp.take(all_rows.reshape(-1, rows.shape[1]), order, axis=0),
-        local_sizes, dropout)
-    out = jnp.zeros_like(out).at[order].set(out).reshape(all_rows.shape)
-    out = jax.lax.psum_scatter(out, EXPERT, scatter_dimension=0)  # [M, D]
+    num_rows = rows.shape[0]  # M, this device's
+    plan = _plan(group_sizes, num_rows, local_experts, receive_factor)
+    me = jax.lax.axis_index(EXPERT)
+    # Out: slice e carries this device's rows of global expert e.
+    to_owner = (plan.offsets[me], plan.accepted[:, :, me].reshape(-1),
+                plan.start[:, :, me].reshape(-1))
+    # Back: slice i * L + l carries device i's rows of local expert l.
+    from_sources = (jnp.transpose(plan.start[me]).reshape(-1),
+                    jnp.transpose(plan.accepted[me]).reshape(-1),
+                    jax.lax.dynamic_slice_in_dim(
+                        plan.offsets, me * local_experts, local_experts,
+                        axis=1).reshape(-1))
+    received = ragged_all_to_all(
+        rows, jnp.zeros_like(rows, shape=(plan.capacity, rows.shape[1])),
+        *to_owner, from_sources[1], axis_name=EXPERT)  # [capacity, D]
+    out = experts.grouped_fn(weights, received,
+                             jnp.sum(plan.accepted[me], axis=1), dropout)
+    out = ragged_all_to_all(out, jnp.zeros_like(out, shape=rows.shape),
+                            *from_sources, to_owner[1],
+                            axis_name=EXPERT)  # [M, D]
     return jax.lax.psum(out, MODEL)
 
   return experts.replace(batched_fn=batched, grouped_fn=grouped,
@@ -144,13 +239,15 @@ def _exchanged(experts: ExpertFns, local_experts: int) -> ExpertFns:
 
 
 def wrap(run: DispatchPath,
-         mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> DispatchPath:
+         mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+         receive_factor: Optional[float]) -> DispatchPath:
   """`run` inside `jax.shard_map` over `mesh` (see the module docstring).
 
   The result has `run`'s signature and computes the same function:
   (x <[G, S, D]>, decision for the global groups, E, experts, C) ->
   <[G, S, D]>, where `experts` holds the global weights. `mesh` is the one
-  `check_mesh` returned for these E, G and F.
+  `check_mesh` returned for these E, G and F; `receive_factor` sizes the
+  dropless receive buffers (`receive_rows`).
   """
 
   def sharded(x: Array, decision: RoutingDecision, num_experts: int,
@@ -161,7 +258,7 @@ def wrap(run: DispatchPath,
       local = experts.replace(weights=weights,
                               dropout=dropout.for_device(_device_index(mesh)))
       return run(x, decision, num_experts,
-                 _exchanged(local, local_experts), capacity)
+                 _exchanged(local, local_experts, receive_factor), capacity)
 
     weight_specs = {name: _weight_spec(name) for name in experts.weights}
     return jax.shard_map(

@@ -100,7 +100,8 @@ class MoeLayer(nn.Module):
     shared_expert_hidden_dim: hidden width of each shared expert; None: F.
     dispatch: `Dispatch` path; all paths compute the same function. Default
       `scatter`: no [S, E, C] masks on any backend. `einsum` suits TPUs,
-      `dropless` never drops a token (token choice only).
+      `dropless` never drops a token (token choice only; see
+      dropless_receive_factor).
     grouped_matmul: `GroupedMatmul` of the dropless path (default `auto`:
       chosen per backend; see `moe_jax.moe.grouped_matmul`).
     train_capacity_factor: capacity factor when deterministic=False, in
@@ -125,7 +126,16 @@ class MoeLayer(nn.Module):
       buffers over "expert", F split over "model"). Default False: one
       program that XLA's SPMD partitioner shards from the param shardings.
       Same function either way (expert dropout: the same distribution,
-      one key per device).
+      one key per device). Dropless: a ragged all-to-all of the sorted
+      rows.
+    dropless_receive_factor: with expert_parallel and dispatch='dropless',
+      the size of each device's buffer for the rows sent to its experts.
+      Default None: room for every row, expert * M for M = its own tokens *
+      K; nothing is dropped. A factor f gives ceil(f * M) rows (memory
+      O(f * M); balanced routing fills 1 / f of it): the rows beyond it
+      under imbalance are dropped like choices over capacity (output 0,
+      the residual carries the token) and counted in `MoeStats`
+      (fraction_tokens_left_behind, expert_load).
     dtype: activation dtype of the experts (router math is float32); a
       model sets its own activation dtype.
     param_dtype: dtype of the stored expert weights.
@@ -148,6 +158,7 @@ class MoeLayer(nn.Module):
   causal: bool = False
   allow_expert_choice_in_causal: bool = False
   expert_parallel: bool = False
+  dropless_receive_factor: Optional[float] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -181,6 +192,9 @@ class MoeLayer(nn.Module):
     # capacity these knobs give, so they are checked on every path.
     for knob in ("train_capacity_factor", "eval_capacity_factor"):
       check_capacity_factor(knob, getattr(self, knob))
+    if self.dropless_receive_factor is not None:
+      check_capacity_factor("dropless_receive_factor",
+                            self.dropless_receive_factor)
     if dispatch == Dispatch.DROPLESS and not self.router.supports_dropless:
       raise ValueError(f"dispatch='dropless' needs token choice routing; "
                        f"router={type(self.router).__name__} needs capacity")
@@ -293,8 +307,15 @@ class MoeLayer(nn.Module):
     if self.expert_parallel:
       # Checked before the experts create their weights, whose sharding
       # would fail with a less clear error.
-      run = expert_parallel.wrap(run, expert_parallel.check_mesh(
-          self.num_experts, num_groups, self.expert_hidden_dim))
+      mesh = expert_parallel.check_mesh(self.num_experts, num_groups,
+                                        self.expert_hidden_dim)
+      if (dispatch == Dispatch.DROPLESS and
+          self.dropless_receive_factor is not None):
+        # Before the stats: overflow rows count as dropped choices.
+        routed = routed.replace(decision=expert_parallel.drop_overflow(
+            routed.decision, mesh, self.num_experts,
+            self.dropless_receive_factor))
+      run = expert_parallel.wrap(run, mesh, self.dropless_receive_factor)
     dropout = ExpertDropout(
         None if deterministic or not self.expert_dropout_rate else
         self.make_rng("dropout"), self.expert_dropout_rate)

@@ -5,8 +5,9 @@ Started by tests/test_expert_parallel.py with the cases to run ("layer",
 router, the MoE layer and a tiny sparse T5 with `expert_parallel=True` under
 the mesh give the loss and gradients of the plain layer / model on one
 device; expert kernels hold E / expert experts per
-device; the compiled program has an all-to-all (capacity paths) or an
-all-gather and reduce-scatter (dropless); num_experts not divisible by the
+device; the compiled program has an all-to-all (capacity paths) or a
+collective-permute (dropless: the CPU ragged exchange, by default with room
+for every row); num_experts not divisible by the
 expert axis is a ValueError.
 """
 
@@ -31,7 +32,7 @@ NUM_EXPERTS = common.NUM_EXPERTS
 # Collectives each path must compile to (HLO op names).
 COLLECTIVES = {Dispatch.SCATTER: ("all-to-all",),
                Dispatch.EINSUM: ("all-to-all",),
-               Dispatch.DROPLESS: ("all-gather", "reduce-scatter")}
+               Dispatch.DROPLESS: ("collective-permute",)}
 
 
 class LayerCase:
