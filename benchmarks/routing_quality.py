@@ -23,7 +23,8 @@ from moe_jax import gin_utils
 from moe_jax.models import build_model, configured_model_config
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
-from moe_jax.train.step import init_state, make_train_step, model_inputs
+from moe_jax.train.step import (init_state, make_train_step, model_inputs,
+                                 model_variables)
 
 MODEL = "gin/models/t5_1_1_tiny_moe.gin"
 ROUTERS = {
@@ -66,7 +67,8 @@ def run(routing_file: str, steps: int, batch: int, length: int) -> dict:
     times.append(time.perf_counter() - start)
     losses.append(float(metrics["cross_entropy"]))
     dropped.append(float(metrics["fraction_tokens_left_behind"]))
-  out = model.apply({"params": state.params}, **model_inputs(next(data)),
+  out = model.apply(model_variables(state.params, state.model_state),
+                    **model_inputs(next(data)),
                     enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(2)})
   load = np.asarray(out.moe_stats.expert_load).reshape(
       -1, out.moe_stats.expert_load.shape[-1])
