@@ -11,10 +11,11 @@ Dimension names: B eval batch, Li input length, Lt target length, V vocab.
 * `score_fn`: the log-likelihood of each example's targets (sum over
   target tokens), which SeqIO's score metrics (rank classification) use.
 
-`Evaluator.evaluate(params, step, model_state)` runs every task of a mixture, writes the
-metrics to MODEL_DIR/eval/metrics_<step>.json (metrics_<step>.<n>.json when
-that step was evaluated before: nothing is overwritten) and TensorBoard
-(MODEL_DIR/tensorboard/eval), and returns them.
+`Evaluator.evaluate(params, step, model_state)` runs every task of a
+mixture, writes the metrics to MODEL_DIR/eval/metrics_<step>.json
+(metrics_<step>.<n>.json when that step was evaluated before: nothing is
+overwritten) and TensorBoard (MODEL_DIR/tensorboard/eval), and returns
+them.
 """
 
 from __future__ import annotations
