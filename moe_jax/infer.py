@@ -6,18 +6,19 @@ the continuation alone.
 
 Inputs come from a SeqIO task's split, a JSONL file (field "inputs", other
 fields are copied to the output), or a text file (one input per line). Each
-output line is {"inputs": ..., "prediction": ..., [other fields]}.
+output line is {"inputs": ..., "prediction": ..., [other fields]}. Input and
+output files may be local or remote (gs://...; `moe_jax.paths`).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import seqio
 
+from moe_jax import paths
 from moe_jax.text import encode_texts, text_lines
 from moe_jax.train.evaluation import ModelFns
 
@@ -25,7 +26,7 @@ from moe_jax.train.evaluation import ModelFns
 def read_inputs(path: str) -> list[dict[str, Any]]:
   """Records with an "inputs" string from a .jsonl file or a text file
   (UTF-8; a bad line is a ValueError naming the file and line)."""
-  file = Path(path)
+  file = paths.as_path(path)
   if not file.is_file():
     raise ValueError(f"input file not found: {path}")
   records = []
@@ -89,7 +90,8 @@ def predict(fns: ModelFns, params: Any, vocabulary: seqio.Vocabulary,
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str) -> None:
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w") as f:
+  file = paths.as_path(path)
+  file.parent.mkdir(parents=True, exist_ok=True)
+  with file.open("w") as f:
     for record in records:
       f.write(json.dumps(record) + "\n")

@@ -25,3 +25,14 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   if is_remote(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def version(path: str | os.PathLike) -> tuple[int, int]:
+  """(size in bytes, modification time in ns) of the file `path`: what a
+  cache of something computed from the file compares to see it changed. A
+  remote filesystem reports the time to the second."""
+  if is_remote(path):
+    stat = epath.Path(path).stat()
+    return stat.length, stat.mtime * 10**9
+  stat = os.stat(path)
+  return stat.st_size, stat.st_mtime_ns

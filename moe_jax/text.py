@@ -9,6 +9,8 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
+from moe_jax import paths
+
 
 class Vocabulary(Protocol):
   """What encoding and decoding need of a vocabulary (seqio's fit)."""
@@ -20,16 +22,23 @@ class Vocabulary(Protocol):
 
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(1-based line number, line) of a UTF-8 text file; invalid UTF-8 is a
-  ValueError naming the file, the line and the byte."""
-  with open(path, "rb") as f:
+  """(1-based line number, line) of a UTF-8 text file (local or remote,
+  `moe_jax.paths`); invalid UTF-8 is a ValueError naming the file, the line
+  and the byte."""
+  with paths.as_path(path).open("rb") as f:
     for lineno, raw in enumerate(f, 1):
-      try:
-        yield lineno, raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
-                         f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
-                         "line)") from None
+      yield lineno, decode_line(raw, path, lineno)
+
+
+def decode_line(raw: bytes, path: str, lineno: int) -> str:
+  """`raw` decoded as UTF-8; else a ValueError naming the file, the 1-based
+  line and the byte."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte "
+                     f"{raw[e.start]:#04x} at byte {e.start + 1} of the "
+                     "line)") from None
 
 
 def encode_texts(texts: Sequence[str], vocabulary: Vocabulary,

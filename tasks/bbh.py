@@ -19,6 +19,7 @@ from typing import Dict, List, Mapping
 
 import seqio
 
+from moe_jax import paths
 from tasks import data_dir
 from tasks import metrics
 from tasks import suites
@@ -52,11 +53,10 @@ _EXEMPLAR_ANSWER = re.compile(r"A: Let's think step by step\..*?So the answer "
 
 
 def read_examples(path: str) -> List[Dict[str, str]]:
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  try:
+    data = json.loads(paths.as_path(path).read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
   rows = data.get("examples") if isinstance(data, dict) else None
   if not isinstance(rows, list):
     raise ValueError(f"{path}: expected {{\"examples\": [...]}}")
@@ -68,8 +68,7 @@ def read_examples(path: str) -> List[Dict[str, str]]:
 
 def read_cot_prompt(path: str) -> str:
   """The exemplars of a cot-prompts file (text after the "-----" line)."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = paths.as_path(path).read_text(encoding="utf-8")
   if "-----" not in text:
     raise ValueError(f"{path}: expected a '-----' line before the exemplars")
   return text.split("-----", 1)[1].strip()

@@ -13,7 +13,6 @@ parses only its own share. The file is indexed once (`line_index`).
 """
 
 import json
-import os
 from typing import (Callable, Dict, Iterator, Mapping, Optional, Sequence,
                     Tuple)
 
@@ -21,6 +20,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from moe_jax import paths
 from tasks import data_dir
 from tasks import line_index
 
@@ -70,7 +70,8 @@ class CappedJsonlSource(seqio.DataSource):
     self._task_field = task_field
     self._cap = cap
     self._description = description
-    self._indices: Dict[Tuple[str, int], line_index.LineIndex] = {}
+    self._indices: Dict[Tuple[str, Tuple[int, int]],
+                        line_index.LineIndex] = {}
     super().__init__(splits=("train",))
 
   @property
@@ -86,7 +87,7 @@ class CappedJsonlSource(seqio.DataSource):
   def index(self) -> line_index.LineIndex:
     """The file's index, rebuilt when the data dir or the file changes."""
     path = self.path()
-    key = (path, os.stat(path).st_mtime_ns)
+    key = (path, paths.version(path))
     if key not in self._indices:
       self._indices = {key: line_index.load_or_build(path, self._task_field)}
     return self._indices[key]
@@ -105,7 +106,7 @@ class CappedJsonlSource(seqio.DataSource):
 
   def _read(self, lines: np.ndarray) -> Iterator[Mapping[str, str]]:
     path, offsets = self.path(), self.index().offsets
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
       for line in lines:
         f.seek(int(offsets[line]))
         record = json.loads(f.readline())
@@ -127,9 +128,10 @@ class CappedJsonlSource(seqio.DataSource):
                        f"got split={split!r}")
     shard = shard_info or seqio.ShardInfo(0, 1)
     epochs = iter(range(2**62))
+    index = self.index()  # here, so a bad file is a plain error, not tf's
 
     def generate():
-      lines = epoch_lines(self.index(), self._cap(), seed or 0,
+      lines = epoch_lines(index, self._cap(), seed or 0,
                           next(epochs) if shuffle else 0, shuffle)
       yield from self._read(lines[shard.index::shard.num_shards])
 

@@ -7,12 +7,12 @@ file (an empty file would otherwise drop its task from a mixture: rate 0).
 """
 
 import json
-import os
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import seqio
 import tensorflow as tf
 
+from moe_jax import paths
 from moe_jax.text import text_lines
 from tasks import data_dir
 
@@ -86,7 +86,7 @@ class FileDataSource(seqio.FunctionDataSource):
     self._split_files = dict(split_files)
     self._fields = tuple(fields)
     self._description = description
-    self._counts: Dict[Tuple[str, int], int] = {}
+    self._counts: Dict[Tuple[str, Tuple[int, int]], int] = {}
     super().__init__(self._dataset, splits=tuple(split_files))
 
   def examples(self, split: str) -> List[Example]:
@@ -110,7 +110,7 @@ class FileDataSource(seqio.FunctionDataSource):
   def num_input_examples(self, split: str) -> int:
     """Examples in the split's file, counted once per version of the file."""
     path = data_dir.require_file(self._split_files[split], self._description)
-    key = (path, os.stat(path).st_mtime_ns)
+    key = (path, paths.version(path))
     if key not in self._counts:
       self._counts[key] = len(self.examples(split))
     return self._counts[key]

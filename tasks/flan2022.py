@@ -135,7 +135,8 @@ def _register_dataset(dataset: src.FlanDataset, features, post
   return names
 
 
-def _export_source(submix: str, variant: str) -> seqio.DataSource:
+def export_source(submix: str, variant: str) -> seqio.DataSource:
+  """The task-capped JSONL source of `submix`'s export file for `variant`."""
   return capped_source.CappedJsonlSource(
       src.export_file(submix, variant), src.EXPORT_FIELDS, "task_name",
       cap=lambda: mixing()[0][submix],
@@ -156,7 +157,7 @@ def register(features: Mapping[str, seqio.Feature]) -> None:
     for variant in src.SUBMIX_VARIANTS[submix]:
       name = task_name(submix, "export", variant)
       seqio.TaskRegistry.add(
-          name, source=_export_source(submix, variant),
+          name, source=export_source(submix, variant),
           preprocessors=post, output_features=features,
           metric_fns=[metrics.exact_match])
       by_variant[submix][variant].append(name)

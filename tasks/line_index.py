@@ -3,7 +3,8 @@
 Built in one streaming pass (the file is never held in memory) and cached
 next to the file as `<file>.index.npz`, stamped with the file's size and
 modification time so that a changed file is re-indexed. Where the folder is
-not writable the index is kept for the process only.
+not writable the index is kept for the process only. The file and the cache
+may be local or remote (gs://...; `moe_jax.paths`).
 
 N below is the number of non-empty lines of the file.
 """
@@ -16,6 +17,8 @@ import os
 from typing import Dict, Tuple
 
 import numpy as np
+
+from moe_jax import paths, text
 
 INDEX_SUFFIX = ".index.npz"
 
@@ -39,21 +42,16 @@ class LineIndex:
     return {name: int(n) for name, n in zip(self.names, per)}
 
 
-def _stamp(path: str) -> np.ndarray:
-  st = os.stat(path)
-  return np.array([st.st_size, st.st_mtime_ns], np.int64)
-
-
 def build(path: str, group_field: str) -> LineIndex:
   """Streams `path` once; ValueError names the file and 1-based line."""
   offsets, groups, prints, ids = [], [], [], {}
-  with open(path, "rb") as f:
+  with paths.as_path(path).open("rb") as f:
     offset, lineno = 0, 0
     for line in f:
       lineno += 1
       if line.strip():
         try:
-          record = json.loads(line)
+          record = json.loads(text.decode_line(line, path, lineno))
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
         if not isinstance(record, dict) or group_field not in record:
@@ -71,22 +69,25 @@ def build(path: str, group_field: str) -> LineIndex:
 def load_or_build(path: str, group_field: str) -> LineIndex:
   """The cached index of `path` when its stamp matches, else a new one
   (written to the cache when the folder allows)."""
-  cache = path + INDEX_SUFFIX
-  stamp = _stamp(path)
-  if os.path.exists(cache):
-    with np.load(cache, allow_pickle=False) as z:
+  cache = paths.as_path(path + INDEX_SUFFIX)
+  stamp = np.array(paths.version(path), np.int64)
+  if cache.exists():
+    with cache.open("rb") as f, np.load(f, allow_pickle=False) as z:
       if (np.array_equal(z["stamp"], stamp) and
           str(z["group_field"]) == group_field):
         return LineIndex(z["offsets"], z["groups"], z["fingerprints"],
                          tuple(str(n) for n in z["names"]))
   index = build(path, group_field)
-  tmp = f"{cache}.{os.getpid()}.tmp.npz"
+  tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
   try:
-    np.savez(tmp, stamp=stamp, group_field=np.array(group_field),
-             offsets=index.offsets, groups=index.groups,
-             fingerprints=index.fingerprints,
-             names=np.array(index.names, dtype=str))
-    os.replace(tmp, cache)
-  except OSError as e:
+    with tmp.open("wb") as f:
+      np.savez(f, stamp=stamp, group_field=np.array(group_field),
+               offsets=index.offsets, groups=index.groups,
+               fingerprints=index.fingerprints,
+               names=np.array(index.names, dtype=str))
+    tmp.replace(cache)
+  # A remote filesystem refuses a write with its own errors (tf.errors,
+  # gcsfs's HttpError), not only OSError.
+  except Exception as e:  # pylint: disable=broad-except
     logging.warning("line index of %s not cached (%s)", path, e)
   return index

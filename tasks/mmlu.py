@@ -11,11 +11,13 @@ classification: `mmlu_<subject>_{0,5}shot_rank` and mixtures
 """
 
 import csv
+import io
 import os
 from typing import Dict, List, Mapping
 
 import seqio
 
+from moe_jax import paths
 from tasks import data_dir
 from tasks import metrics
 from tasks import suites
@@ -50,14 +52,14 @@ Question = Dict[str, object]  # question: str, options: [4] str, answer: str
 def read_csv(path: str) -> List[Question]:
   """Parses one headerless MMLU CSV; ValueError names file and line."""
   out = []
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f)
-    for row in reader:
-      if len(row) != 6 or row[5].strip() not in LETTERS:
-        raise ValueError(f"{path}:{reader.line_num}: expected question,A,B,C,"
-                         f"D,answer with answer in {LETTERS}, got {row!r}")
-      out.append({"question": row[0], "options": row[1:5],
-                  "answer": row[5].strip()})
+  text = paths.as_path(path).read_bytes().decode("utf-8")
+  reader = csv.reader(io.StringIO(text, newline=""))
+  for row in reader:
+    if len(row) != 6 or row[5].strip() not in LETTERS:
+      raise ValueError(f"{path}:{reader.line_num}: expected question,A,B,C,"
+                       f"D,answer with answer in {LETTERS}, got {row!r}")
+    out.append({"question": row[0], "options": row[1:5],
+                "answer": row[5].strip()})
   return out
 
 

@@ -21,3 +21,8 @@ if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 # (ImportError) in any import order. tests/test_process_guard.py holds it.
 if "triton" not in sys.modules:
   sys.modules["triton"] = None
+
+# gs:// paths in tests go to the offline fake of tests/fake_gcs.py (an fsspec
+# filesystem), never to TensorFlow's GCS client: etils.epath picks its gs://
+# backend from this variable once per process, at its first path.
+os.environ.setdefault("EPATH_USE_TF", "false")

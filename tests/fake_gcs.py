@@ -188,7 +188,17 @@ class FakeGcsFileSystem(DirFileSystem):
 
   def __init__(self, **kwargs):
     del kwargs  # gcsfs options such as finalize_on_close
-    super().__init__(path=os.environ[ROOT_ENV], fs=LocalFileSystem())
+    super().__init__(path=self.path, fs=LocalFileSystem())
+
+  @property
+  def path(self) -> str:
+    """The store, read at each use: fsspec and etils.epath keep one instance
+    per process, while each test has a store of its own."""
+    return os.environ[ROOT_ENV]
+
+  @path.setter
+  def path(self, value: str) -> None:
+    del value  # DirFileSystem.__init__ sets it; the environment decides
 
   @classmethod
   def _strip_protocol(cls, path):

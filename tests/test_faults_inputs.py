@@ -10,6 +10,7 @@ import tasks  # noqa: F401  (registers the FLAN tasks)
 from moe_jax import gin_utils
 from moe_jax.main import main
 from moe_jax.train import run as run_lib
+from tasks import flan2022
 from tasks import flan2022_sources as src
 from tests.test_tasks_flan2022 import local_data  # noqa: F401  (fixture)
 
@@ -58,7 +59,7 @@ def _source_and_file(kind: str):
             src.cot_file("qasc"))
   submix = src.EXPORT_SUBMIXES[0]
   variant = src.SUBMIX_VARIANTS[submix][0]
-  return (src.export_source(submix, variant),
+  return (flan2022.export_source(submix, variant),
           src.export_file(submix, variant))
 
 
@@ -71,4 +72,4 @@ def test_invalid_utf8_names_the_file_and_line(local_data, kind):
   path.write_bytes(b"\n".join(lines))
   with pytest.raises(ValueError, match=rf"{path}:3: not valid UTF-8 \(byte "
                      r"0xff at byte 4"):
-    source.examples("train")
+    list(source.get_dataset("train", shuffle=False).as_numpy_iterator())

@@ -15,7 +15,7 @@ from moe_jax.models import build_model
 from tests import moe_reference, tiny_checkpoint
 from tests.inspect_helpers import Bytes, moe_inputs
 
-K, NUM_EXPERTS, EVAL_FACTOR = 2, 4, 0.5
+NUM_EXPERTS, EVAL_FACTOR = 4, 0.5  # the tiny checkpoint's
 TASKS = {"qa": ["Question: who routes?", "Q: where do tokens go"],
          "translate": ["Translate to German: the house is small."]}
 
@@ -44,7 +44,7 @@ def test_utilization_is_dispatched_over_capacity(checkpoint):
     report = moe_inspect.route_batch(checkpoint, batch)
     for usage, layer in zip(row, report.layers):
       tokens = layer.token_mask.size  # one group: the whole batch
-      cap = moe_reference.capacity(tokens, NUM_EXPERTS, EVAL_FACTOR, 1, K)
+      cap = moe_reference.capacity(tokens, NUM_EXPERTS, EVAL_FACTOR, 1)
       np.testing.assert_allclose(
           usage, layer.dispatch_mask.sum() / (NUM_EXPERTS * cap), rtol=1e-6)
   rows = result.rows()

@@ -88,7 +88,6 @@ def zero_past_groups(out: Array, group_sizes: Array) -> Array:
   return jnp.where(valid[:, None], out, 0)
 
 
-
 def sum_to_vary_like(cotangent: Array, primal: Array) -> Array:
   """A custom VJP's `cotangent`, summed over the `jax.shard_map` mesh axes
   it varies over and `primal` does not (a weight shared by row shards gets
