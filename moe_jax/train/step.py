@@ -5,7 +5,9 @@ collections (`MODEL_STATE_COLLECTIONS`, e.g. the selection bias of
 `AuxLossFreeRouter`): every training call makes them mutable and the step
 stores what the model wrote; evaluation, inference and inspection apply
 the model with them (`model_variables`). A model without such state has
-an empty `model_state`.
+an empty `model_state`. The step's metrics hold the selection biases after
+the update (`selection_bias/per_layer`, <[R, E]>, in the layer order of
+`expert_load/per_layer`).
 
 The dropout RNG of step t is fold_in(seed key, t), so a resumed run draws the
 same randomness as an uninterrupted one.
@@ -22,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax.models.outputs import per_sparse_layer
 from moe_jax.moe import metric_names
+from moe_jax.moe.routers.aux_free import SELECTION_BIAS
 from moe_jax.train.objective import LossConfig, training_loss
 
 Array = jax.Array
@@ -102,6 +106,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    if metric_names.ROUTER_STATE in model_state:
+      metrics[f"{SELECTION_BIAS}/per_layer"] = per_sparse_layer(
+          model_state[metric_names.ROUTER_STATE])
     return TrainState(state.step + 1, params, opt_state,
                       model_state), metrics
 
