@@ -69,15 +69,18 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def predict(fns: ModelFns, params: Any, vocabulary: seqio.Vocabulary,
             records: list[dict[str, Any]], input_length: int,
-            batch_size: int) -> list[dict[str, Any]]:
-  """Each record with its decoded greedy "prediction"."""
+            batch_size: int, model_state: Any = None
+            ) -> list[dict[str, Any]]:
+  """Each record with its decoded greedy "prediction" (`model_state`:
+  `TrainState.model_state`)."""
   out = []
   for chunk in _chunks(records, batch_size):
     inputs = encode_texts([r["inputs"] for r in chunk], vocabulary,
                           input_length)
     padded = np.zeros((batch_size, input_length), np.int32)
     padded[:len(chunk)] = inputs
-    tokens = np.asarray(fns.predict_batch(params, fns.prompt_batch(padded)))
+    tokens = np.asarray(fns.predict_batch(params, fns.prompt_batch(padded),
+                                              model_state))
     for record, row in zip(chunk, tokens):
       ids = row.tolist()
       if vocabulary.eos_id in ids:

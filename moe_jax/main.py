@@ -116,10 +116,13 @@ def evaluate(args: argparse.Namespace, bindings: list[str]) -> None:
                      "and EVAL_MIXTURE")
   step = checkpoints.resolve_step(configured.train.model_dir)
   params = checkpoints.restore_params(configured.train.model_dir, step)
+  model_state = checkpoints.restore_model_state(configured.train.model_dir,
+                                                step)
   evaluator = Evaluator(configured.eval, configured.model,
                         configured.data.objective, configured.train.model_dir,
                         configured.train.tensorboard)
-  for task, values in evaluator.evaluate(params, step).items():
+  for task, values in evaluator.evaluate(params, step,
+                                                  model_state).items():
     print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 
 
@@ -143,9 +146,11 @@ def infer(args: argparse.Namespace, bindings: list[str]) -> None:
       "targets"].vocabulary
   fns = ModelFns(configured.model, configured.data.objective,
                  lengths["targets"], eos_id=vocabulary.eos_id)
-  params = checkpoints.restore_params(configured.train.model_dir)
-  predictions = infer_lib.predict(fns, params, vocabulary, records,
-                                  lengths["inputs"], args.batch_size)
+  step = checkpoints.resolve_step(configured.train.model_dir)
+  params = checkpoints.restore_params(configured.train.model_dir, step)
+  predictions = infer_lib.predict(
+      fns, params, vocabulary, records, lengths["inputs"], args.batch_size,
+      checkpoints.restore_model_state(configured.train.model_dir, step))
   infer_lib.write_jsonl(predictions, args.output)
   print(f"wrote {len(predictions)} predictions to {args.output}")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moe_jax import inspection as moe_inspect
-from moe_jax.inspection import analyses, analyze
+from moe_jax.inspection import analyses, analyze, task_batches
 from moe_jax.models import build_model
 from tests import moe_reference, tiny_checkpoint
 from tests.inspect_helpers import Bytes, moe_inputs
@@ -180,3 +180,83 @@ def test_command_line_writes_tables_and_pngs(model_dir, tmp_path):
   bad.write_text('{"task": "qa"}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1: .*'inputs'"):
     analyze.read_examples(bad)
+
+
+MIXTURE_TEXTS = {"routing_test_qa": [("who routes?", "the router"),
+                                     ("where to?", "an expert")],
+                 "routing_test_copy": [("copy me", "copy me")]}
+LENGTHS = {"inputs": 16, "targets": 12}
+
+
+@pytest.fixture
+def mixture():
+  """A registered mixture of two in-memory byte-vocabulary tasks."""
+  import seqio
+  import tensorflow as tf
+  features = {k: seqio.Feature(seqio.ByteVocabulary())
+              for k in ("inputs", "targets")}
+  for name, pairs in MIXTURE_TEXTS.items():
+    seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(
+        lambda split, shuffle_files, pairs=pairs:
+        tf.data.Dataset.from_tensor_slices(
+            {"inputs": [p[0] for p in pairs],
+             "targets": [p[1] for p in pairs]}),
+        splits=["validation"]),
+        preprocessors=[seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos],
+        output_features=features)
+  seqio.MixtureRegistry.add("routing_test_mixture", list(MIXTURE_TEXTS),
+                            default_rate=1.0)
+  yield "routing_test_mixture"
+  seqio.MixtureRegistry.remove("routing_test_mixture")
+  for name in MIXTURE_TEXTS:
+    seqio.TaskRegistry.remove(name)
+
+
+def _padded(texts, length):
+  """<int32>[N, length] byte ids (byte + 3), EOS (1), then padding."""
+  out = np.zeros((len(texts), length), np.int32)
+  for i, text in enumerate(texts):
+    ids = [b + 3 for b in text.encode()] + [1]
+    out[i, :len(ids)] = ids
+  return out
+
+
+def test_mixture_batches_hold_each_tasks_examples(checkpoint, mixture):
+  batches = task_batches.task_batches(checkpoint, mixture,
+                                      task_feature_lengths=LENGTHS)
+  assert list(batches) == sorted(MIXTURE_TEXTS)  # seqio sorts by name
+  for name, pairs in MIXTURE_TEXTS.items():
+    targets = _padded([t for _, t in pairs], LENGTHS["targets"])
+    want = {"encoder_input_tokens": _padded([i for i, _ in pairs],
+                                            LENGTHS["inputs"]),
+            "decoder_target_tokens": targets,
+            "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1]}
+    for feature, value in want.items():
+      np.testing.assert_array_equal(batches[name][feature], value)
+  first = task_batches.task_batches(checkpoint, mixture, examples_per_task=1,
+                                    task_feature_lengths=LENGTHS)
+  assert [len(b["decoder_target_tokens"]) for b in first.values()] == [1, 1]
+  with pytest.raises(ValueError, match="examples_per_task must be >= 1"):
+    task_batches.task_batches(checkpoint, mixture, examples_per_task=0)
+
+
+def test_command_line_utilization_per_task_of_a_mixture(model_dir, mixture,
+                                                        tmp_path):
+  out = tmp_path / "out"
+  analyze.main([str(model_dir), "--mixture", mixture, "--out", str(out),
+                "--feature_lengths", "inputs=16,targets=12",
+                "--capacity_factors", "2"])
+  with open(out / "utilization.csv") as f:
+    rows = list(csv.DictReader(f))
+  checkpoint = moe_inspect.open_checkpoint(model_dir)
+  want = analyses.utilization(checkpoint, task_batches.task_batches(
+      checkpoint, mixture, task_feature_lengths=LENGTHS))
+  assert [r["name"] for r in rows] == sorted(MIXTURE_TEXTS)
+  np.testing.assert_allclose([float(r["mean"]) for r in rows],
+                             want.usage.mean(1), rtol=1e-5)
+  assert (out / "utilization.png").read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(ValueError, match="exactly one of --examples"):
+    analyze.run(str(model_dir), str(out))
+  with pytest.raises(ValueError, match="--feature_lengths: .*'targets'"):
+    analyze.feature_lengths("inputs=16,targets")

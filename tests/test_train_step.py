@@ -46,7 +46,7 @@ def plain_cross_entropy(logits, batch):
 def _grads(model, params, batch, loss_config):
   rng = jax.random.PRNGKey(3)
   return jax.jit(jax.grad(lambda p: train_step.loss_fn(
-      model, loss_config, p, batch, rng)[0]))(params)
+      model, loss_config, p, {}, batch, rng)[0]))(params)
 
 
 def test_zero_routing_weights_give_plain_cross_entropy_gradients():
@@ -85,8 +85,9 @@ def test_loss_metrics_are_reported_separately():
   model, batch = tiny_model(), tiny_batch()
   params = train_step.init_state(model, optimizers.make_optimizer(
       optimizers.OptimizerConfig()), batch, jax.random.PRNGKey(0)).params
-  loss, metrics = train_step.loss_fn(model, objective.LossConfig(0.5, 0.1),
-                                     params, batch, jax.random.PRNGKey(0))
+  loss, (metrics, _) = train_step.loss_fn(
+      model, objective.LossConfig(0.5, 0.1), params, {}, batch,
+      jax.random.PRNGKey(0))
   np.testing.assert_allclose(
       loss, metrics["cross_entropy"] + metrics["weighted_auxiliary_loss"] +
       metrics["weighted_router_z_loss"], rtol=1e-6)

@@ -209,9 +209,9 @@ def _target_weights(batch: Batch) -> np.ndarray:
   return (np.asarray(batch["decoder_target_tokens"]) > 0).astype(np.float32)
 
 
-def _score(model, params, inputs, targets, weights):
+def _score(model, variables, inputs, targets, weights):
   """(correct targets, summed cross entropy, <[R]> drop fractions)."""
-  output = model.apply({"params": params}, **inputs, enable_dropout=False)
+  output = model.apply(variables, **inputs, enable_dropout=False)
   log_probs = jax.nn.log_softmax(output.logits.astype(jnp.float32))
   on_target = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   correct = jnp.argmax(output.logits, -1) == targets
@@ -231,8 +231,8 @@ def capacity_sweep(checkpoint: Checkpoint, batch: Batch,
   for factor in factors:
     model = build_model(checkpoint.config.with_moe_layers(
         eval_capacity_factor=float(factor)))
-    correct, summed, left = jax.jit(lambda p, m=model: _score(
-        m, p, inputs, targets, weights))(checkpoint.params)
+    correct, summed, left = jax.jit(lambda v, m=model: _score(
+        m, v, inputs, targets, weights))(checkpoint.variables())
     accuracy.append(float(correct) / total)
     entropy.append(float(summed) / total)
     dropped.append(np.asarray(left, np.float64))

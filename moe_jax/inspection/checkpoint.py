@@ -21,6 +21,7 @@ from moe_jax.models import (TransformerConfig, build_model,
 from moe_jax.param_paths import flat_params
 from moe_jax.paths import as_path
 from moe_jax.train import checkpoints
+from moe_jax.train.step import model_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Checkpoint:
     params: restored parameters (nested dict of arrays).
     logical_axes: same tree as `params`, each leaf a tuple of logical axis
       names (e.g. ('expert', 'embed', 'expert_mlp')).
+    model_state: the saved non-gradient model state
+      (`TrainState.model_state`, e.g. the aux-loss-free selection bias).
   """
   model_dir: Optional[epath.Path]
   step: int
@@ -42,6 +45,11 @@ class Checkpoint:
   model: nn.Module
   params: Any
   logical_axes: Any
+  model_state: Any = dataclasses.field(default_factory=dict)
+
+  def variables(self) -> dict[str, Any]:
+    """What to apply `model` with: the parameters and the model state."""
+    return model_variables(self.params, self.model_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +97,8 @@ def open_checkpoint(model_dir: str | epath.PathLike, step: Optional[int] = None
   params = checkpoints.restore_params(model_dir, step,
                                       abstract_params=nn.unbox(boxed))
   return Checkpoint(model_dir, step, config, model, params,
-                    _logical_axes(boxed))
+                    _logical_axes(boxed),
+                    checkpoints.restore_model_state(model_dir, step))
 
 
 def param_records(checkpoint: Checkpoint) -> list[ParamRecord]:

@@ -210,10 +210,10 @@ def route_batch(checkpoint: Checkpoint, batch: Mapping[str, np.ndarray],
     ValueError: the model has no sparse layer.
   """
   inputs = {k: np.asarray(v) for k, v in model_inputs(batch).items()}
-  apply = jax.jit(lambda params, inputs: checkpoint.model.apply(
-      {"params": params}, **inputs, enable_dropout=False,
+  apply = jax.jit(lambda variables, inputs: checkpoint.model.apply(
+      variables, **inputs, enable_dropout=False,
       mutable=[metric_names.ROUTING]))
-  output, state = apply(checkpoint.params, inputs)
+  output, state = apply(checkpoint.variables(), inputs)
   if output.moe_stats is None:
     raise ValueError("the checkpoint's model has no sparse layer to inspect")
   stats = jax.tree.map(np.asarray, output.moe_stats)

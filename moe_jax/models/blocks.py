@@ -11,7 +11,7 @@ scanned.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 from flax import struct
@@ -27,6 +27,35 @@ from moe_jax.models.config import (PositionEmbedding, RematPolicy,
                                    TransformerConfig)
 
 Array = jax.Array
+
+# Module names of a stack's blocks: one scanned module, or one per block.
+SCANNED_BLOCKS = "blocks"
+
+
+def block_name(index: int) -> str:
+  """The module name of unrolled block `index`."""
+  return f"block_{index}"
+
+
+def per_block(stack_variables: Mapping[str, Any]) -> Array:
+  """<[N, ...]> the one leaf per block of a stack's variables (of one
+  collection written by one module per block, e.g. the MoE layer's
+  `router_state`), in block order; N the stack's blocks.
+
+  Raises:
+    ValueError: a block holds more or fewer than one leaf.
+  """
+  if SCANNED_BLOCKS in stack_variables:
+    return _only_leaf(stack_variables[SCANNED_BLOCKS], SCANNED_BLOCKS)
+  names = [block_name(i) for i in range(len(stack_variables))]
+  return jnp.stack([_only_leaf(stack_variables[n], n) for n in names])
+
+
+def _only_leaf(tree: Any, name: str) -> Array:
+  leaves = jax.tree.leaves(tree)
+  if len(leaves) != 1:
+    raise ValueError(f"{name} holds {len(leaves)} leaves, not one per block")
+  return leaves[0]
 
 _REMAT_POLICIES = {
     RematPolicy.FULL: None,
@@ -245,12 +274,12 @@ class Stack(nn.Module):
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast), length=num_blocks,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, stats = scanned(cfg, self.stack, name="blocks")(x, ctx,
+      x, stats = scanned(cfg, self.stack, name=SCANNED_BLOCKS)(x, ctx,
                                                          deterministic)
     else:
       per_block = []
       for i in range(num_blocks):
-        x, block_stats = block(cfg, self.stack, name=f"block_{i}")(
+        x, block_stats = block(cfg, self.stack, name=block_name(i))(
             x, ctx, deterministic)
         per_block.append(block_stats)
       stats = (None if per_block[0] is None else

@@ -16,7 +16,7 @@ length, L decoder length (Li + Lt for a decoder-only prompt), V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -49,9 +49,13 @@ class Decoder:
 
 
 def encoder_decoder(model: nn.Module, params: Any,
-                    encoder_input_tokens: Array, max_length: int) -> Decoder:
+                    encoder_input_tokens: Array, max_length: int,
+                    model_state: Optional[Mapping[str, Any]] = None
+                    ) -> Decoder:
   """Encodes <int32>[B, Li] inputs; the cache holds Lt = `max_length`
-  decoder steps."""
+  decoder steps. `model_state`: the model's non-gradient collections
+  (`TrainState.model_state`), read, never updated."""
+  variables = {"params": params, **(model_state or {})}
   inputs = encoder_input_tokens
   dummy = jnp.zeros((inputs.shape[0], max_length), jnp.int32)
   # Only the shapes of the cache come from init; its steps start at 0.
@@ -59,14 +63,14 @@ def encoder_decoder(model: nn.Module, params: Any,
       jax.random.PRNGKey(0), inputs, dummy, dummy, enable_dropout=False,
       decode=True))["cache"]
   cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  encoded, _ = model.apply({"params": params}, inputs, enable_dropout=False,
+  encoded, _ = model.apply(variables, inputs, enable_dropout=False,
                            method="encode")
 
   def tokens_to_logits(ids, cache):
     # Beam search runs W rows per example, beams of one example together.
     beams = ids.shape[0] // inputs.shape[0]
     (logits, _), state = model.apply(
-        {"params": params, "cache": cache},
+        {**variables, "cache": cache},
         jnp.repeat(encoded, beams, axis=0), jnp.repeat(inputs, beams, axis=0),
         ids, enable_dropout=False, decode=True, method="decode",
         mutable=["cache"])
@@ -77,8 +81,10 @@ def encoder_decoder(model: nn.Module, params: Any,
 
 
 def decoder_only(model: nn.Module, params: Any, decoder_input_tokens: Array,
-                 decoder_causal_attention: Array) -> Decoder:
-  """Fills the cache with the prompt of <int32>[B, L] decoder inputs.
+                 decoder_causal_attention: Array,
+                 model_state: Optional[Mapping[str, Any]] = None) -> Decoder:
+  """Fills the cache with the prompt of <int32>[B, L] decoder inputs
+  (`model_state` as in `encoder_decoder`).
 
   The prompt is where `decoder_causal_attention` <[B, L]> is 1 (the start
   token and n input tokens; bidirectional, as in training). The cache has
@@ -89,8 +95,9 @@ def decoder_only(model: nn.Module, params: Any, decoder_input_tokens: Array,
   prompt = decoder_causal_attention.astype(jnp.int32)
   # A row without prompt (batch padding) starts at position 0.
   last = jnp.maximum(jnp.sum(prompt, axis=1) - 1, 0)
+  variables = {"params": params, **(model_state or {})}
   _, state = model.apply(
-      {"params": params}, decoder_input_tokens * prompt,
+      variables, decoder_input_tokens * prompt,
       # Segment 1 = the prompt: positions after it are neither attended to
       # nor routed; decoding overwrites their cache entries.
       decoder_segment_ids=prompt, decoder_causal_attention=prompt,
@@ -98,7 +105,7 @@ def decoder_only(model: nn.Module, params: Any, decoder_input_tokens: Array,
       prefill_lengths=last, mutable=["cache"])
 
   def tokens_to_logits(ids, cache):
-    out, state = model.apply({"params": params, "cache": cache}, ids,
+    out, state = model.apply({**variables, "cache": cache}, ids,
                              enable_dropout=False, decode=True,
                              mutable=["cache"])
     return out.logits[:, 0], state["cache"]

@@ -8,8 +8,9 @@ run's config beside them. This module is the one place that knows its layout:
                                        at that step (`BatchStream`), so a
                                        resume does not replay the data
 
-`Checkpointer` writes it during a run; `steps` and `restore_params` read it
-for evaluation, inference, warm starts and inspection.
+`Checkpointer` writes it during a run; `steps`, `restore_params` and
+`restore_model_state` read it for evaluation, inference, warm starts and
+inspection.
 
 A model directory written with a different config is refused unless
 `overwrite_config=True`, so two runs never mix their checkpoints silently.
@@ -26,6 +27,7 @@ TensorStore.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -42,6 +44,7 @@ CONFIG_FILE = "config.gin"
 CHECKPOINTS_DIR = "checkpoints"
 DATA_DIR = "data"
 _ITEM_DIR = "default"  # the CheckpointManager's single item in a step
+MODEL_STATE = "model_state"  # the `TrainState` field of the model state
 # TrainConfig fields that do not change what is trained.
 BOOKKEEPING = ("model_dir", "num_steps", "save_every", "keep_checkpoints",
                "log_every", "eval_every", "overwrite_config",
@@ -131,21 +134,49 @@ def restore_params(path: str | os.PathLike, step: Optional[int] = None,
   Raises:
     ValueError: no checkpoint at `path`, or `step` not saved.
   """
+  return _restore_entry(_item(as_path(path), step), "params",
+                        abstract_params, sharding)
+
+
+def restore_model_state(path: str | os.PathLike, step: Optional[int] = None,
+                        sharding: Optional[jax.sharding.Sharding] = None
+                        ) -> dict[str, Any]:
+  """The non-gradient model state (`model_state` of the saved `TrainState`,
+  e.g. the aux-loss-free router's selection bias) of a checkpoint, as
+  saved; {} when it has none (a model without such state, or a checkpoint
+  written before the train state held it). Arguments as `restore_params`.
+  """
   item = _item(as_path(path), step)
+  if not _saved_entries(item).get(MODEL_STATE):
+    return {}
+  return _restore_entry(item, MODEL_STATE, None, sharding)
+
+
+def _saved_entries(item: epath.Path) -> dict[str, Any]:
+  """Field name -> metadata tree of the `TrainState` saved at `item`."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return dict(checkpointer.metadata(item).item_metadata)
+
+
+def _restore_entry(item: epath.Path, key: str, abstract: Any,
+                   sharding: Optional[jax.sharding.Sharding]) -> Any:
+  """Entry `key` of the saved `TrainState` at `item`, laid out like
+  `abstract` (default: as saved), every array on `sharding` (default: this
+  process's first device)."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(
       jax.local_devices()[0])
   with ocp.PyTreeCheckpointer() as checkpointer:
-    if abstract_params is None:
-      saved = checkpointer.metadata(item).item_metadata["params"]
-      abstract_params = jax.tree.map(
+    if abstract is None:
+      saved = checkpointer.metadata(item).item_metadata[key]
+      abstract = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sharding),
-        abstract_params)
+        abstract)
     restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, partial_restore=True,
-        restore_args={"params": restore_args}))
-  return restored["params"]
+        item={key: abstract}, partial_restore=True,
+        restore_args={key: restore_args}))
+  return restored[key]
 
 
 def _restore_failure(model_dir: epath.Path, step: int, saved: list[int],
@@ -162,6 +193,26 @@ def _restore_failure(model_dir: epath.Path, step: int, saved: list[int],
           f"{type(error).__name__}: {cause[:300]}\nIf the config changed "
           "(overwrite_config), the checkpoint does not fit this model; if "
           f"the checkpoint is damaged (a truncated file), {fallback}")
+
+
+def _without_model_state(abstract: Any, step: int,
+                         model_dir: epath.Path) -> dict[str, Any]:
+  """The fields of a `TrainState` but its empty `model_state`, to restore a
+  checkpoint written before the train state held one.
+
+  Raises:
+    ValueError: the model has model state, which the checkpoint lacks.
+  """
+  model_state = getattr(abstract, MODEL_STATE)
+  if jax.tree.leaves(model_state):
+    raise ValueError(
+        f"checkpoint of step {step} in {model_dir} holds no {MODEL_STATE}, "
+        f"but this model keeps {', '.join(model_state)} (e.g. the selection "
+        "bias of AuxLossFreeRouter): it was written by another model or "
+        "an older moe_jax; start a new model directory from it with "
+        "TrainConfig.init_checkpoint")
+  return {f.name: getattr(abstract, f.name)
+          for f in dataclasses.fields(abstract) if f.name != MODEL_STATE}
 
 
 class DataPosition(Protocol):
@@ -264,12 +315,20 @@ class Checkpointer:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype,
                              sharding=getattr(x, "sharding", None)), target)
+    legacy = (dataclasses.is_dataclass(abstract) and
+              hasattr(abstract, MODEL_STATE) and
+              MODEL_STATE not in _saved_entries(
+                  self.model_dir / CHECKPOINTS_DIR / str(step) / _ITEM_DIR))
+    if legacy:
+      abstract = _without_model_state(abstract, step, self.model_dir)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax and TensorStore raise many kinds
       raise ValueError(_restore_failure(self.model_dir, step,
                                         self.all_steps(), e)) from e
+    if legacy:
+      restored = type(target)(**restored)
     if self._data is not None:
       restored_data = distributed.count(
           self._data.restore_position(step, self._data_dir(step)))

@@ -11,10 +11,11 @@ Dimension names: B eval batch, Li input length, Lt target length, V vocab.
 * `score_fn`: the log-likelihood of each example's targets (sum over
   target tokens), which SeqIO's score metrics (rank classification) use.
 
-`Evaluator.evaluate(params, step)` runs every task of a mixture, writes the
-metrics to MODEL_DIR/eval/metrics_<step>.json (metrics_<step>.<n>.json when
-that step was evaluated before: nothing is overwritten) and TensorBoard
-(MODEL_DIR/tensorboard/eval), and returns them.
+`Evaluator.evaluate(params, step, model_state)` runs every task of a
+mixture, writes the metrics to MODEL_DIR/eval/metrics_<step>.json
+(metrics_<step>.<n>.json when that step was evaluated before: nothing is
+overwritten) and TensorBoard (MODEL_DIR/tensorboard/eval), and returns
+them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moe_jax.paths import as_path
 from moe_jax.train import eval_averages, eval_checks
 from moe_jax.train.data import Objective, feature_converter
 from moe_jax.train.metrics_log import TENSORBOARD_DIR
-from moe_jax.train.step import model_inputs
+from moe_jax.train.step import model_inputs, model_variables
 
 Array = jax.Array
 Batch = dict[str, np.ndarray]
@@ -96,16 +97,18 @@ class ModelFns:
     self.score_batch = jax.jit(self._score)
     self.predict_batch = jax.jit(self._predict)
 
-  def _score(self, params, batch: Batch) -> Array:
-    """<float32>[B] log-likelihood of each row's targets."""
-    logits = self.model.apply({"params": params}, **model_inputs(batch),
+  def _score(self, params, batch: Batch, model_state=None) -> Array:
+    """<float32>[B] log-likelihood of each row's targets (`model_state`:
+    `TrainState.model_state`, here and below)."""
+    logits = self.model.apply(model_variables(params, model_state),
+                              **model_inputs(batch),
                               enable_dropout=False).logits
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     targets = batch["decoder_target_tokens"]
     on_target = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
     return jnp.sum(on_target * batch["decoder_loss_weights"], axis=-1)
 
-  def _predict(self, params, batch: Batch) -> Array:
+  def _predict(self, params, batch: Batch, model_state=None) -> Array:
     """<int32>[B, Lt] greedy target tokens of each row: after encoding
     batch['encoder_input_tokens'] (encoder-decoder), or continuing the
     prompt of batch['decoder_input_tokens'] where
@@ -114,11 +117,12 @@ class ModelFns:
     if self.decoder_only:
       start = generation.decoder_only(self.model, params,
                                       batch["decoder_input_tokens"],
-                                      batch["decoder_causal_attention"])
+                                      batch["decoder_causal_attention"],
+                                      model_state)
     else:
       start = generation.encoder_decoder(self.model, params,
                                          batch["encoder_input_tokens"],
-                                         self.max_decode_length)
+                                         self.max_decode_length, model_state)
     return start.run(decoding.greedy, self.max_decode_length,
                      eos_id=self.eos_id)
 
@@ -132,24 +136,25 @@ class ModelFns:
     return {"decoder_input_tokens": tokens,
             "decoder_causal_attention": causal}
 
-  def predict_fn(self, params, batch_size: int
+  def predict_fn(self, params, batch_size: int, model_state=None
                  ) -> Callable[..., list[tuple[int, list[int]]]]:
     def fn(dataset, model_feature_shapes=None):
       del model_feature_shapes
       out = []
       for indices, batch, real in _batches(dataset, batch_size):
-        tokens = np.asarray(self.predict_batch(params, batch))[:real]
+        tokens = np.asarray(self.predict_batch(params, batch,
+                                                   model_state))[:real]
         out += [(int(i), t.tolist()) for i, t in zip(indices, tokens)]
       return out
     return fn
 
-  def score_fn(self, params, batch_size: int
+  def score_fn(self, params, batch_size: int, model_state=None
                ) -> Callable[..., list[tuple[int, float]]]:
     def fn(dataset, model_feature_shapes=None):
       del model_feature_shapes
       out = []
       for indices, batch, real in _batches(dataset, batch_size):
-        scores = np.asarray(self.score_batch(params, batch))[:real]
+        scores = np.asarray(self.score_batch(params, batch, model_state))[:real]
         out += [(int(i), float(s)) for i, s in zip(indices, scores)]
       return out
     return fn
@@ -179,14 +184,15 @@ class Evaluator:
     self.model_dir = as_path(model_dir) if model_dir else None
     self._tensorboard = tensorboard
 
-  def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
+  def evaluate(self, params: Any, step: int, model_state: Any = None
+               ) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} and {"<mixture>/average": {metric: value}}
     (`eval_averages`), also written to the model directory."""
     size = self.config.batch_size
     future, _ = self._seqio.evaluate(
         compute_metrics=True, step=step,
-        predict_fn=self.fns.predict_fn(params, size),
-        score_fn=self.fns.score_fn(params, size))
+        predict_fn=self.fns.predict_fn(params, size, model_state),
+        score_fn=self.fns.score_fn(params, size, model_state))
     metrics = {task: {name: float(getattr(value, "value", value))
                       for name, value in task_metrics.items()}
                for task, task_metrics in future.result().items()}

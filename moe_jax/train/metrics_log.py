@@ -140,14 +140,14 @@ class MetricsLogger:
 
   def _histogram(self, name: str, counts: list[float]) -> None:
     """A TensorBoard histogram with bucket e = [e - 0.5, e + 0.5) holding
-    counts[e] (e.g. the tokens expert e received)."""
+    counts[e] (the tokens expert e received, or its selection bias)."""
     from tensorboard.plugins.histogram import metadata  # beside tensorflow
     edges = np.arange(len(counts), dtype=np.float64)
     buckets = np.stack([edges - 0.5, edges + 0.5,
                         np.asarray(counts, np.float64)], axis=-1)
     self._tf.summary.write(
         name, buckets, metadata=metadata.create_summary_metadata(
-            name, "tokens per expert, one bucket per expert"))
+            name, "one bucket per expert"))
 
   def _console(self, step: int, metrics: Mapping[str, float],
                rate: Mapping[str, float]) -> None:

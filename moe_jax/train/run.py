@@ -39,7 +39,7 @@ from moe_jax.train.evaluation import EvalConfig, Evaluator
 from moe_jax.train.metrics_log import MetricsLogger
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
-from moe_jax.train.step import TrainState, model_inputs
+from moe_jax.train.step import TrainState, model_inputs, split_model_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,24 +202,29 @@ class _Trainer:
     example = {k: np.zeros((self.run.data.batch_size,) + v.shape[1:], v.dtype)
                for k, v in local.items()}
     return self.model.init(rng, **model_inputs(example),
-                           enable_dropout=False)["params"]
+                           enable_dropout=False)
 
   def state_shardings(self, key) -> TrainState:
-    """Shardings of the train state (params by their logical axes)."""
+    """Shardings of the train state (params by their logical axes, the
+    model state replicated)."""
     with partitioning.axis_rules(self.mesh, self.rules):
-      boxed = jax.eval_shape(self._init_variables, key)
+      variables = jax.eval_shape(self._init_variables, key)
+    boxed = variables["params"]
     param_shardings = partitioning.shardings_for(boxed, self.mesh, self.rules)
     abstract_params = nn.unbox(boxed)
     abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
     opt_shardings = partitioning.optimizer_state_shardings(
         abstract_opt, abstract_params, param_shardings, self.mesh)
-    return TrainState(partitioning.replicated(self.mesh), param_shardings,
-                      opt_shardings)
+    replicated = partitioning.replicated(self.mesh)
+    return TrainState(replicated, param_shardings, opt_shardings,
+                      jax.tree.map(lambda _: replicated,
+                                   split_model_state(variables)))
 
   def initial_state(self, key, shardings: TrainState) -> TrainState:
     with partitioning.axis_rules(self.mesh, self.rules):
-      params = jax.jit(lambda k: nn.unbox(self._init_variables(k)),
-                       out_shardings=shardings.params)(key)
+      params, model_state = jax.jit(
+          lambda k: self._split(self._init_variables(k)),
+          out_shardings=(shardings.params, shardings.model_state))(key)
     source = self.run.train.init_checkpoint
     if source is not None:
       filled, copied = warm_start.from_checkpoint(
@@ -232,7 +237,12 @@ class _Trainer:
     opt_state = jax.jit(self.optimizer.init,
                         out_shardings=shardings.opt_state)(params)
     step = jax.device_put(np.zeros((), np.int32), shardings.step)
-    return TrainState(step, params, opt_state)
+    return TrainState(step, params, opt_state, model_state)
+
+  @staticmethod
+  def _split(variables):
+    """(unboxed params, model state) of initialized `variables`."""
+    return nn.unbox(variables["params"]), split_model_state(variables)
 
 
 def train(run: Run) -> TrainResult:
@@ -257,7 +267,7 @@ def train(run: Run) -> TrainResult:
   eval_metrics = {}
 
   def evaluate(step: int, state: TrainState) -> None:
-    metrics = evaluator.evaluate(state.params, step)
+    metrics = evaluator.evaluate(state.params, step, state.model_state)
     eval_metrics[step] = metrics
     if jax.process_index() == 0:
       for task, values in metrics.items():
