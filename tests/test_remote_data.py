@@ -15,6 +15,7 @@ import tensorflow as tf
 from moe_jax import infer
 from tasks import capped_source
 from tasks import data_dir
+from tasks import file_sources
 from tasks import flan2022_sources as src
 from tasks import line_index
 from tests import fake_gcs

@@ -155,7 +155,10 @@ def restore_model_state(path: str | os.PathLike, step: Optional[int] = None,
 def _saved_entries(item: epath.Path) -> dict[str, Any]:
   """Field name -> metadata tree of the `TrainState` saved at `item`."""
   with ocp.PyTreeCheckpointer() as checkpointer:
-    return dict(checkpointer.metadata(item).item_metadata)
+    saved = checkpointer.metadata(item).item_metadata
+  if saved is None:
+    raise ValueError(f"{item}: its metadata is missing or unreadable")
+  return dict(saved)
 
 
 def _restore_entry(item: epath.Path, key: str, abstract: Any,
@@ -315,10 +318,14 @@ class Checkpointer:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         jax.ShapeDtypeStruct(x.shape, x.dtype,
                              sharding=getattr(x, "sharding", None)), target)
-    legacy = (dataclasses.is_dataclass(abstract) and
-              hasattr(abstract, MODEL_STATE) and
-              MODEL_STATE not in _saved_entries(
-                  self.model_dir / CHECKPOINTS_DIR / str(step) / _ITEM_DIR))
+    try:
+      legacy = (dataclasses.is_dataclass(abstract) and
+                hasattr(abstract, MODEL_STATE) and
+                MODEL_STATE not in _saved_entries(
+                    self.model_dir / CHECKPOINTS_DIR / str(step) / _ITEM_DIR))
+    except Exception as e:  # orbax and TensorStore raise many kinds
+      raise ValueError(_restore_failure(self.model_dir, step,
+                                        self.all_steps(), e)) from e
     if legacy:
       abstract = _without_model_state(abstract, step, self.model_dir)
     try:
