@@ -147,9 +147,10 @@ def restore_model_state(path: str | os.PathLike, step: Optional[int] = None,
   written before the train state held it). Arguments as `restore_params`.
   """
   item = _item(as_path(path), step)
-  if not _saved_entries(item).get(MODEL_STATE):
+  saved = _saved_entries(item).get(MODEL_STATE)
+  if not saved:
     return {}
-  return _restore_entry(item, MODEL_STATE, None, sharding)
+  return _restore_entry(item, MODEL_STATE, _abstract(saved), sharding)
 
 
 def _saved_entries(item: epath.Path) -> dict[str, Any]:
@@ -161,6 +162,12 @@ def _saved_entries(item: epath.Path) -> dict[str, Any]:
   return dict(saved)
 
 
+def _abstract(metadata: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s of an orbax metadata tree."""
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                      metadata)
+
+
 def _restore_entry(item: epath.Path, key: str, abstract: Any,
                    sharding: Optional[jax.sharding.Sharding]) -> Any:
   """Entry `key` of the saved `TrainState` at `item`, laid out like
@@ -168,11 +175,9 @@ def _restore_entry(item: epath.Path, key: str, abstract: Any,
   process's first device)."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(
       jax.local_devices()[0])
+  if abstract is None:
+    abstract = _abstract(_saved_entries(item)[key])
   with ocp.PyTreeCheckpointer() as checkpointer:
-    if abstract is None:
-      saved = checkpointer.metadata(item).item_metadata[key]
-      abstract = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=sharding),
         abstract)
