@@ -36,6 +36,18 @@ def _config(*files, bindings=()):
   return configured_model_config()
 
 
+def test_a_module_imported_after_parsing_can_register_configurables():
+  # T5X and task modules register gin knobs on import; a run earlier in the
+  # same process (a test, a notebook) must not have locked gin against them.
+  gin_utils.parse([TINY_MOE])
+
+  @gin.configurable("moe_jax_test_registered_after_parse")
+  def registered(value=1):
+    return value
+
+  assert registered() == 1
+
+
 def test_there_are_configs():
   assert len(MODEL_FILES) >= 20 and len(TINY_FILES) >= 4
   assert len(ROUTING_FILES) >= 8

@@ -23,7 +23,6 @@ import dataclasses
 import re
 
 from flax import traverse_util
-import gin
 import jax
 import numpy as np
 import pytest
@@ -87,9 +86,7 @@ def write_t5x(flat, directory, step=7):
   """{flaxformer name: array} saved by T5X's Checkpointer as a train state
   (params in tensorstore, Adafactor slots beside them); returns the step
   directory."""
-  with gin.unlock_config():  # T5X registers configurables on import; an
-    # earlier in-process `main` may have locked gin
-    pytest.importorskip("t5x.checkpoints")
+  pytest.importorskip("t5x.checkpoints")
   from flax.linen import partitioning as flax_partitioning
   from t5x import adafactor, checkpoints, partitioning, train_state
 

@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import gin
 
 from moe_jax.inspection import analyses, analysis_plots, task_batches
 from moe_jax.inspection.checkpoint import Checkpoint, open_checkpoint
@@ -206,12 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   factors = [float(f) for f in args.capacity_factors.split(",")]
   options = {}
   if args.mixture is not None:
-    # Task modules define gin knobs on import; opening a checkpoint earlier
-    # in this process (its config.gin) leaves gin locked.
-    with gin.unlock_config():
-      import tasks  # noqa: F401  (registers the project's tasks, mixtures)
-      for module in args.module:
-        importlib.import_module(module)
+    import tasks  # noqa: F401  (registers the project's tasks, mixtures)
+    for module in args.module:
+      importlib.import_module(module)
     options = {"split": args.split,
                "examples_per_task": args.examples_per_task,
                "task_feature_lengths": feature_lengths(args.feature_lengths)}
