@@ -40,9 +40,10 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   """Clears gin, then parses `files` in order and `bindings` last.
 
-  Leaves gin unlocked (no `finalize`), so that a module imported later in
-  the same process can still register configurables: T5X, a task module, a
-  notebook's own code after a run.
+  Runs gin's finalize hooks (which name a macro left %gin.REQUIRED) but
+  leaves gin unlocked, so that a module imported later in the same process
+  can still register configurables: T5X, a task module, a notebook's own
+  code after a run.
 
   Raises:
     ValueError: no file given, a file missing, a file written for an older
@@ -69,6 +70,8 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.add_config_file_search_path(str(GIN_ROOT.parent))
   gin.parse_config_files_and_bindings(list(files), list(bindings),
                                       finalize_config=False)
+  with gin.unlock_config():  # restores the unlocked state `finalize` locks
+    gin.finalize()
 
 
 def _local_or_remote(name: str) -> Path | epath.Path:

@@ -126,6 +126,7 @@ BATCH_SIZE = 2
 
 @pytest.mark.parametrize("path", RUN_FILES)
 def test_run_files_build_a_run(path, tmp_path):
+  import tasks  # noqa: F401  (their mixtures, as `moe_jax.main` registers)
   macros = tmp_path / "run_macros.gin"
   macros.write_text(_RUN_MACROS.format(model_dir=tmp_path / "run"))
   gin_utils.parse([TINY_MOE, str(macros), path])
