@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Sequence
 
 import gin
 
-from experiments.variants import ModelSpec
+from experiments.variants import ModelSpec, SparseSettings
 
 PRETRAIN_TASK = "mini_flan_span_corruption"
 # Routing-loss ablation: (aux_loss_factor, router_z_loss_factor).
@@ -28,6 +28,8 @@ class ExperimentConfig:
     seeds: seeds of the main table (parameter init and data order).
     held_out: mini_flan clusters held out of instruction tuning.
     size_bindings: gin bindings of the model size (gin/models macros).
+    sparse: what every sparse model shares (routing loss weights, expert
+      slots per routing choice); bind `variants.SparseSettings.*`.
     pretrain_lengths, instruct_lengths: training feature lengths, tokens.
     few_shot_input_length: encoder length of the few-shot evaluation.
     batch_size: training examples (packed rows) per step.
@@ -58,6 +60,7 @@ class ExperimentConfig:
   seeds: Sequence[int] = (0, 1, 2)
   held_out: Sequence[str] = ("classification",)
   size_bindings: Sequence[str] = ()
+  sparse: SparseSettings = dataclasses.field(default_factory=SparseSettings)
   pretrain_lengths: Mapping[str, int] = dataclasses.field(
       default_factory=lambda: {"inputs": 64, "targets": 16})
   instruct_lengths: Mapping[str, int] = dataclasses.field(

@@ -50,14 +50,17 @@ def init_worker(config: ExperimentConfig) -> None:
 
 def resolve_models(config: ExperimentConfig, specs: Iterable[ModelSpec]
                    ) -> dict:
-  """spec -> (model config FLOP-matched to the dense model, loss config)."""
+  """spec -> (model config FLOP-matched to the dense model, loss config),
+  checked by `variants.check_matched`."""
   dense, _ = variants.model_config(ModelSpec(variants.DENSE),
                                    config.size_bindings)
   out = {}
   for spec in specs:
-    model, loss = variants.model_config(spec, config.size_bindings)
+    model, loss = variants.model_config(spec, config.size_bindings,
+                                        config.sparse)
     out[spec] = (variants.flop_matched(model, dense, config.instruct_lengths),
                  loss)
+  variants.check_matched(out, config.sparse)
   return out
 
 
@@ -113,7 +116,7 @@ def _evaluations(config: ExperimentConfig, job: Job) -> dict:
     return {}
   lengths = dict(config.instruct_lengths)
   evals = {"zero_shot": (f"mini_flan_eval_{job.cluster}", lengths)}
-  if job.stage == "instruct" and job.train:
+  if job.stage == "untuned" or (job.stage == "instruct" and job.train):
     evals["few_shot"] = (f"mini_flan_eval_fs_{job.cluster}",
                          {**lengths, "inputs": config.few_shot_input_length})
   return evals

@@ -16,7 +16,8 @@ class Job:
   Attributes:
     model: the model's spec.
     seed: its seed.
-    stage: pretrain, finetune, instruct or instruct_finetune.
+    stage: pretrain, untuned (the pre-trained model, evaluated only),
+      finetune, instruct or instruct_finetune.
     cluster: the held-out cluster ("" for pre-training).
     ablation: "" in the main grid, else "<knob>=<value>".
     init_from: the job whose checkpoint this one starts from (None: fresh).
@@ -52,6 +53,9 @@ def plan(config: ExperimentConfig) -> list[list[Job]]:
     base = Job(model, seed, "pretrain", ablation=ablation)
     pretrain.append(base)
     for cluster in config.held_out:
+      if full:
+        tune.append(Job(model, seed, "untuned", cluster, ablation, base,
+                        train=False))
       tune.append(Job(model, seed, "finetune", cluster, ablation, base))
       instruct = Job(model, seed, "instruct", cluster, ablation, base)
       tune.append(instruct)

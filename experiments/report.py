@@ -2,7 +2,8 @@
 
 Files written to `ExperimentConfig.reports_to`:
   table.md        main table (per held-out cluster, model x setting,
-                  mean ± sample std over seeds) and the ablation table
+                  mean ± sample std over seeds; paired gains as mean
+                  [95% t-interval over seeds]) and the ablation table
   main.png        the main table as grouped bars with std error bars
   ablations.png   the ablations (one seed)
   results.jsonl   every result row
@@ -18,18 +19,46 @@ import numpy as np
 
 # Column -> (stage, evaluation) of the main table.
 SETTINGS = {
+    "untuned zero-shot": ("untuned", "zero_shot"),
+    "untuned few-shot": ("untuned", "few_shot"),
     "FT (no IT)": ("finetune", "zero_shot"),
     "IT zero-shot": ("instruct", "zero_shot"),
     "IT few-shot": ("instruct", "few_shot"),
     "IT then FT": ("instruct_finetune", "zero_shot"),
 }
-GAIN = "IT gain on FT"  # IT then FT minus FT (no IT), paired by seed
+# Gain column -> (column, minus column) of SETTINGS, paired by seed.
+GAINS = {
+    "IT gain on FT": ("IT then FT", "FT (no IT)"),
+    "IT gain zero-shot": ("IT zero-shot", "untuned zero-shot"),
+    "IT gain few-shot": ("IT few-shot", "untuned few-shot"),
+}
 
 
 def _score(rows: Sequence[dict], stage: str, evaluation: str) -> dict:
   """seed -> score of the rows of `stage` that have `evaluation`."""
   return {r["seed"]: r["evals"][evaluation]["score"] for r in rows
           if r["stage"] == stage and evaluation in r["evals"]}
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95
+                    ) -> tuple[float, float, float]:
+  """(mean, low, high): the mean of per-seed differences and its two-sided
+  Student-t interval at `level` (n - 1 degrees of freedom; low = high =
+  mean for one difference)."""
+  from scipy import stats
+  mean = float(np.mean(differences))
+  if len(differences) < 2:
+    return mean, mean, mean
+  half = float(stats.t.ppf(0.5 + level / 2, len(differences) - 1) *
+               stats.sem(differences))
+  return mean, mean - half, mean + half
+
+
+def _gain_cell(differences: Sequence[float]) -> str:
+  if not differences:
+    return "–"
+  mean, low, high = paired_interval(differences)
+  return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n={len(differences)})"
 
 
 def _cell(values: Sequence[float], digits: int = 1) -> str:
@@ -52,17 +81,20 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str
                 and r["train_loss"] is not None]
     mine = [r for r in mine if r["cluster"] == cluster]
     columns = {"pre-train CE": pretrain}
-    for column, (stage, evaluation) in SETTINGS.items():
-      columns[column] = list(_score(mine, stage, evaluation).values())
-    tuned, plain = (_score(mine, "instruct_finetune", "zero_shot"),
-                    _score(mine, "finetune", "zero_shot"))
-    columns[GAIN] = [tuned[s] - plain[s] for s in tuned if s in plain]
+    by_seed = {column: _score(mine, stage, evaluation)
+               for column, (stage, evaluation) in SETTINGS.items()}
+    for column, scores in by_seed.items():
+      columns[column] = list(scores.values())
+    for gain, (tuned, plain) in GAINS.items():
+      columns[gain] = [by_seed[tuned][s] - by_seed[plain][s]
+                       for s in by_seed[tuned] if s in by_seed[plain]]
     values[model] = columns
   header = ["model", *next(iter(values.values()))]
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
   for model, columns in values.items():
-    cells = [_cell(v, 3 if name == "pre-train CE" else 1)
+    cells = [_gain_cell(v) if name in GAINS else
+             _cell(v, 3 if name == "pre-train CE" else 1)
              for name, v in columns.items()]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
   return lines, values
@@ -107,7 +139,7 @@ def _plot_main(values_by_cluster: dict, path: Path) -> None:
                            figsize=(7 * len(clusters), 4))
   for ax, cluster in zip(axes[0], clusters):
     values = values_by_cluster[cluster]
-    columns = list(SETTINGS) + [GAIN]
+    columns = list(SETTINGS) + list(GAINS)
     width = 0.8 / len(values)
     for i, (model, by_column) in enumerate(values.items()):
       means = [np.mean(by_column[c]) if by_column[c] else np.nan
@@ -175,7 +207,9 @@ def write(config, rows: Sequence[dict],
               "(jobs whose results already existed were not rerun).", ""]
   lines += ["Exact match (%) on the held-out cluster's validation split, "
             f"{config.eval_examples} examples per task; mean ± sample std "
-            f"over seeds {list(config.seeds)}. Pre-train CE: span-corruption "
+            f"over seeds {list(config.seeds)}; IT gain columns: differences "
+            "paired by seed, mean [95% t-interval]. Untuned: the pre-trained "
+            "model, evaluated as is. Pre-train CE: span-corruption "
             "cross entropy (nats/token) over the last 10% of steps.", ""]
   main, ablations = {}, {}
   for cluster in config.held_out:

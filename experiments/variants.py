@@ -7,10 +7,12 @@ would.
 
 FLOP matching (`flop_matched`): sparse models are made to cost the dense
 model's forward FLOPs per example (moe_jax.flops: a token pays for the k
-experts it is routed to, or capacity_factor experts under expert choice).
-The expert width is solved first; where even one-wide experts cost more than
-the dense model (ST-MoE's extra dense FFN after each MoE FFN), the model's
-FFN width is solved instead, with experts as wide as the dense FFNs.
+experts it is routed to, or capacity_factor experts under expert choice)
+by solving their expert width; ST-MoE's extra dense FFN after each MoE FFN
+is as wide as its experts, so every model keeps the dense model's other
+FFNs. Every sparse model shares `SparseSettings` (routing loss weights,
+expert slots per routing choice); `check_matched` refuses models that
+differ in anything their variant does not vary.
 """
 
 from __future__ import annotations
@@ -60,15 +62,45 @@ class ModelSpec:
     return [_SPARSE_FILE, f"gin/routing/{self.routing}.gin"]
 
 
-def model_config(spec: ModelSpec, size_bindings: Sequence[str]
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SparseSettings:
+  """What every sparse model of a comparison shares, whatever its routing
+  file sets (gin/routing/st_moe.gin alone raises the z-loss weight).
+
+  Attributes:
+    aux_loss_factor, router_z_loss_factor: routing loss weights.
+    train_capacity_per_choice, eval_capacity_per_choice: expert slots per
+      routing choice, as a multiple of S / E: a token-choice layer with k
+      choices gets capacity factor k * this (T5X's convention counts one
+      choice per token), so a top-2 model keeps as many slots per choice as
+      a top-1 one. Expert choice layers keep the factor their routing file
+      sets (the experts per token `moe_jax.flops` counts).
+  """
+  aux_loss_factor: float = 0.01
+  router_z_loss_factor: float = 0.001
+  train_capacity_per_choice: float = 1.25
+  eval_capacity_per_choice: float = 2.0
+
+
+def model_config(spec: ModelSpec, size_bindings: Sequence[str],
+                 sparse: SparseSettings = SparseSettings()
                  ) -> tuple[TransformerConfig, LossConfig]:
-  """The model and its routing loss weights, from the gin files.
+  """The model and its routing loss weights, from the gin files, with a
+  sparse model's shared settings bound from `sparse`.
 
   Clears and replaces the global gin config.
   """
   bindings = list(size_bindings)
   if spec.routing != DENSE:
     bindings.append(f"NUM_EXPERTS={spec.num_experts}")
+    gin_utils.parse(spec.gin_files(), bindings)
+    k = gin.query_parameter("NUM_SELECTED_EXPERTS/macro.value")
+    bindings += [
+        f"AUX_LOSS_FACTOR={sparse.aux_loss_factor}",
+        f"ROUTER_Z_LOSS_FACTOR={sparse.router_z_loss_factor}",
+        f"TRAIN_CAPACITY_FACTOR={k * sparse.train_capacity_per_choice}",
+        f"EVAL_CAPACITY_FACTOR={k * sparse.eval_capacity_per_choice}"]
   gin_utils.parse(spec.gin_files(), bindings)
   config = configured_model_config()
   loss = LossConfig()  # Dense gin files leave it unconfigured.
@@ -78,11 +110,17 @@ def model_config(spec: ModelSpec, size_bindings: Sequence[str]
   return config, loss
 
 
-def _with_widths(config: TransformerConfig, expert_width: Optional[int],
-                 mlp_dim: Optional[int] = None) -> TransformerConfig:
-  return dataclasses.replace(
-      config.with_moe_layers(expert_hidden_dim=expert_width),
-      mlp_dim=mlp_dim or config.mlp_dim)
+def _with_width(config: TransformerConfig, width: int) -> TransformerConfig:
+  """`config` with experts, and extra dense FFNs where a stack has them,
+  `width` wide."""
+  def stack(moe: Optional[MoeConfig]) -> Optional[MoeConfig]:
+    if moe is None:
+      return None
+    return dataclasses.replace(
+        moe, layer=moe.layer.clone(expert_hidden_dim=width),
+        extra_dense_ffn_dim=width if moe.extra_dense_ffn else None)
+  return dataclasses.replace(config, encoder_moe=stack(config.encoder_moe),
+                             decoder_moe=stack(config.decoder_moe))
 
 
 def forward_flops(config: TransformerConfig,
@@ -92,38 +130,119 @@ def forward_flops(config: TransformerConfig,
                      lengths["targets"]).forward_flops
 
 
-def _solve(cost, low: int, high: int, target: float) -> int:
-  """The integer width w for which the linear `cost(w)` is nearest target."""
-  a, b = cost(low), cost(high)
-  return round(low + (target - a) * (high - low) / (b - a))
-
-
 def flop_matched(config: TransformerConfig, dense: TransformerConfig,
                  lengths: Mapping[str, int]) -> TransformerConfig:
-  """`config` with its FFN widths set so that its forward FLOPs match
-  `dense`'s (see the module docstring); dense configs are returned as is."""
+  """`config` with its expert width (and ST-MoE's extra dense FFN width, set
+  equal) solved so that its forward FLOPs match `dense`'s; the dense FFNs
+  keep the dense model's width. Dense configs are returned as is.
+
+  Raises:
+    ValueError: even one-wide experts cost more than the dense model.
+  """
   if config.encoder_moe is None and config.decoder_moe is None:
     return config
   target = forward_flops(dense, lengths)
-  width = _solve(lambda w: forward_flops(_with_widths(config, w), lengths),
-                 8, 16, target)
-  if width >= 1:
-    return _with_widths(config, width)
-  mlp = _solve(lambda w: forward_flops(_with_widths(config, None, w),
-                                       lengths), 8, 16, target)
-  if mlp < 1:
-    raise ValueError(f"cannot FLOP-match {config} to the dense model")
-  return _with_widths(config, None, mlp)
+  cost = lambda w: forward_flops(_with_width(config, w), lengths)
+  low, high = 8, 16  # FLOPs are linear in the width: two points solve it.
+  width = round(low + (target - cost(low)) * (high - low) /
+                (cost(high) - cost(low)))
+  if width < 1:
+    raise ValueError(f"cannot FLOP-match {config} to the dense model: it "
+                     "costs more with one-wide experts")
+  return _with_width(config, width)
+
+
+# Settings a sparse variant may differ in, because they are the variant:
+# its routing, and the widths FLOP matching solves. Capacity factors and
+# the number of experts may differ too, but `check_matched` checks them
+# against the shared per-choice slots and the spec.
+_VARIANT_SETTINGS = (".router", ".expert_hidden_dim", ".extra_dense_ffn",
+                     ".train_capacity_factor", ".eval_capacity_factor",
+                     ".num_experts")
+
+
+def _flat(value, path: str) -> dict[str, str]:
+  """path -> repr of every leaf field of a (nested) dataclass; a dataclass
+  leaf's class name under path + ".type"."""
+  if not dataclasses.is_dataclass(value):
+    return {path: repr(value)}
+  out = {f"{path}.type": type(value).__name__}
+  for field in dataclasses.fields(value):
+    if field.name not in ("parent", "name"):  # flax module bookkeeping
+      out.update(_flat(getattr(value, field.name), f"{path}.{field.name}"))
+  return out
+
+
+def _check_capacity(spec: ModelSpec, stack: str, moe: MoeConfig,
+                    sparse: SparseSettings) -> None:
+  layer = moe.layer
+  k = getattr(layer.router, "num_selected_experts", None)
+  if layer.num_experts != spec.num_experts:
+    raise ValueError(f"{spec.name}: {stack}_moe has {layer.num_experts} "
+                     f"experts, its spec {spec.num_experts}")
+  if k is None:  # expert choice: moe_jax.flops counts the eval factor
+    if layer.train_capacity_factor != layer.eval_capacity_factor:
+      raise ValueError(
+          f"{spec.name}: {stack}_moe trains at capacity factor "
+          f"{layer.train_capacity_factor:g} but its FLOPs count "
+          f"{layer.eval_capacity_factor:g} (eval_capacity_factor)")
+    return
+  for mode in ("train", "eval"):
+    want = k * getattr(sparse, f"{mode}_capacity_per_choice")
+    got = getattr(layer, f"{mode}_capacity_factor")
+    if abs(got - want) > 1e-9:
+      raise ValueError(
+          f"{spec.name}: {stack}_moe {mode}_capacity_factor={got:g}, not k * "
+          f"{mode}_capacity_per_choice = {want:g}")
+
+
+def check_matched(models: Mapping[ModelSpec, tuple[TransformerConfig,
+                                                   LossConfig]],
+                  sparse: SparseSettings) -> None:
+  """Raises ValueError, naming the setting and two models, unless the
+  sparse models of `models` (spec -> (model, routing loss weights)) differ
+  only in their routing, their FLOP-matched widths and their number of
+  experts, with capacity factors of k * `sparse`'s slots per choice (token
+  choice) or equal in training and evaluation (expert choice) and
+  `sparse`'s routing loss weights."""
+  reference = None
+  for spec, (config, loss) in models.items():
+    if spec.routing == DENSE:
+      continue
+    if (loss.aux_loss_factor, loss.router_z_loss_factor) != (
+        sparse.aux_loss_factor, sparse.router_z_loss_factor):
+      raise ValueError(f"{spec.name}: routing loss weights (aux_loss_factor"
+                       f" / router_z_loss_factor) {loss.aux_loss_factor:g} / "
+                       f"{loss.router_z_loss_factor:g}, not the shared "
+                       f"{sparse.aux_loss_factor:g} / "
+                       f"{sparse.router_z_loss_factor:g}")
+    for stack in ("encoder", "decoder"):
+      moe = getattr(config, f"{stack}_moe")
+      if moe is not None:
+        _check_capacity(spec, stack, moe, sparse)
+    settings = {path: value for path, value in _flat(config, "model").items()
+                if not any(part in path for part in _VARIANT_SETTINGS)}
+    if reference is None:
+      reference = spec, settings
+      continue
+    for path in sorted(settings.keys() | reference[1].keys()):
+      if settings.get(path) != reference[1].get(path):
+        raise ValueError(
+            f"{spec.name} and {reference[0].name} differ in {path} "
+            f"({settings.get(path)} vs {reference[1].get(path)}), which is "
+            "not what their variants vary")
 
 
 def _moe_cells(moe: MoeConfig, mlp_dim: int) -> list[str]:
   """Experts x width, k ("-" under expert choice), train / eval capacity
-  factors and the extra dense FFN of one stack's `MoeConfig`."""
+  factors and the extra dense FFN's width ("-": none) of one stack's
+  `MoeConfig`."""
   layer = moe.layer
   return [f"{layer.num_experts} x {layer.expert_hidden_dim or mlp_dim}",
           str(getattr(layer.router, "num_selected_experts", "-")),
           f"{layer.train_capacity_factor:g} / {layer.eval_capacity_factor:g}",
-          "yes" if moe.extra_dense_ffn else "no"]
+          str(moe.extra_dense_ffn_dim or mlp_dim) if moe.extra_dense_ffn
+          else "-"]
 
 
 def settings_table(models: Mapping[ModelSpec, tuple[TransformerConfig,
@@ -138,7 +257,7 @@ def settings_table(models: Mapping[ModelSpec, tuple[TransformerConfig,
   dec Y"."""
   lines = ["| model | params | active params / token | forward GFLOPs / "
            "example | vs first | FFN width | experts x width | k | "
-           "capacity train / eval | extra dense FFN | aux / z loss |",
+           "capacity train / eval | extra dense FFN width | aux / z loss |",
            "|" + "---|" * 11]
   reference = None
   for spec in sorted(models, key=lambda m: (m.routing != DENSE, m.name)):

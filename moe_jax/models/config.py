@@ -51,6 +51,8 @@ class MoeConfig:
     sparse_every: the FFN of the last layer of every block of this many
       layers is an MoE layer (2: layers 1, 3, 5, ...; 1: every layer).
     extra_dense_ffn: ST-MoE: a dense FFN after each MoE FFN in the layer.
+    extra_dense_ffn_dim: that FFN's hidden width (None: the model's
+      mlp_dim).
     sequence_length: L, the tokens per sequence the layer's groups and
       capacity were set for (e.g. one group of L tokens per sequence with
       HF SwitchTransformers' capacity: `hf_switch.config_from_hf` with
@@ -63,12 +65,16 @@ class MoeConfig:
   layer: MoeLayer
   sparse_every: int = 2
   extra_dense_ffn: bool = False
+  extra_dense_ffn_dim: Optional[int] = None
   sequence_length: Optional[int] = None
 
   def __post_init__(self):
     if not isinstance(self.layer, MoeLayer):
       raise ValueError("layer must be a moe_jax.moe.layer.MoeLayer; got "
                        f"layer={self.layer!r}")
+    if self.extra_dense_ffn_dim is not None and self.extra_dense_ffn_dim < 1:
+      raise ValueError("extra_dense_ffn_dim must be None or >= 1; got "
+                       f"extra_dense_ffn_dim={self.extra_dense_ffn_dim}")
     if self.sequence_length is not None and self.sequence_length < 1:
       raise ValueError("sequence_length must be None or >= 1; got "
                        f"sequence_length={self.sequence_length}")
