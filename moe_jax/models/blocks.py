@@ -148,7 +148,8 @@ class TransformerLayer(nn.Module):
       if moe.extra_dense_ffn:
         h = RMSNorm(cfg.norm_epsilon, dtype, name="pre_extra_mlp_norm")(x)
         h = DenseFFN(moe.extra_dense_ffn_dim or cfg.mlp_dim, cfg.activation,
-                     cfg.dropout_rate, dtype, name="extra_mlp")(h, deterministic=deterministic)
+                     cfg.dropout_rate, dtype, name="extra_mlp")(
+                         h, deterministic=deterministic)
         x = residual(x, h)
     else:
       h = DenseFFN(cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype,
