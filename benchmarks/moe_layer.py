@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 
@@ -29,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import report
 from moe_jax.moe.dispatch import PATHS, Dispatch
 from moe_jax.moe.experts import Activation, Experts, expert_fns
 from moe_jax.moe.grouped_matmul import GroupedMatmul, resolve
@@ -196,16 +196,12 @@ def main() -> None:
   if args.quick:
     args.tokens, args.width, args.hidden, args.iters = 512, 64, 128, 2
     args.experts = [8]
-  print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  "
+  print(f"{report.machine()}  "
         f"tokens {args.tokens}  d {args.width}  f {args.hidden}  "
         f"capacity factor {args.capacity_factor}  {args.dtype}")
   rows = run(args)
   print_table(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind,
-                 "jax": jax.__version__, "args": vars(args), "rows": rows}, f,
-                indent=1)
+  report.write_json(args.json, args, rows)
 
 
 if __name__ == "__main__":

@@ -231,17 +231,32 @@ def dropless_dispatch(x: Array, decision: TokenChoice, num_experts: int,
   if not isinstance(decision, TokenChoice):
     raise ValueError("the dropless dispatch path needs token choice routing; "
                      f"got {type(decision).__name__}")
-  groups, group_size, width = x.shape
-  k = decision.expert_index.shape[-1]
   with jax.named_scope("dispatch"):
-    order, group_sizes = sort_by_expert(decision.expert_index, num_experts)
-    rows = jnp.take(x.reshape(-1, width), order // k, axis=0)  # [M, D]
+    rows, order, group_sizes = permute(x, decision.expert_index, num_experts)
   with jax.named_scope("experts"):
     out_sorted = experts.grouped(rows, group_sizes)
   with jax.named_scope("combine"):
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-    out = out.reshape(groups, group_size, k, width)
-    return jnp.einsum("gsk,gskd->gsd", decision.gates.astype(out.dtype), out)
+    return unpermute_and_combine(out_sorted, order, decision.gates)
+
+
+def permute(x: Array, expert_index: Array,
+            num_experts: int) -> tuple[Array, Array, Array]:
+  """x <[G, S, D]>, expert_index <int32>[G, S, K] -> (rows <[M, D]> sorted
+  by expert, order <int32>[M], group sizes <int32>[E]; see
+  `sort_by_expert`)."""
+  k = expert_index.shape[-1]
+  order, group_sizes = sort_by_expert(expert_index, num_experts)
+  rows = jnp.take(x.reshape(-1, x.shape[-1]), order // k, axis=0)
+  return rows, order, group_sizes
+
+
+def unpermute_and_combine(out_sorted: Array, order: Array,
+                          gates: Array) -> Array:
+  """The inverse of `permute`: rows <[M, D]> back to (token, choice) order,
+  each token's K results summed by gates <[G, S, K]> -> <[G, S, D]>."""
+  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+  out = out.reshape(*gates.shape, out_sorted.shape[-1])
+  return jnp.einsum("gsk,gskd->gsd", gates.astype(out.dtype), out)
 
 
 PATHS: dict[Dispatch, DispatchPath] = {
