@@ -7,6 +7,7 @@ Registered names (see tasks/README.md):
   mini_flan_<task>_rank          zero-shot rank classification (option tasks):
                                  one scored row per option, `rank_accuracy`
   mixtures: mini_flan, mini_flan_<cluster>, mini_flan_train_without_<cluster>,
+            (<cluster>: a generator cluster or a STUDY_CLUSTERS group),
             mini_flan_eval_<cluster> (zero-shot variants of the held-out
             cluster), mini_flan_eval_options (every option task, generated
             answers and rank classification)
@@ -18,7 +19,7 @@ Registered names (see tasks/README.md):
 """
 
 import functools
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import seqio
 import tensorflow as tf
@@ -36,6 +37,14 @@ PRETRAIN_SPLIT_SIZES = {"train": 2000, "validation": 100, "test": 100}
 # few hundred steps, and a cluster it never trains on.
 MAIN_HELD_IN = ("sign", "parity", "palindrome")
 MAIN_HELD_OUT = ("location_entailment", "comparison_entailment")
+# Held-out groups of the experiments/ study: tasks the study's tiny models
+# learn when fine-tuned (experiments/README.md), registered with the same
+# mixtures as a generator cluster (mini_flan_<group>, ...).
+STUDY_CLUSTERS: Mapping[str, Tuple[str, ...]] = {
+    "rules": ("sign", "parity", "palindrome"),
+    "location": ("location_entailment",),
+    "word_count": ("count_words",),
+}
 
 
 def output_features(vocabulary: seqio.Vocabulary = DEFAULT_VOCABULARY
@@ -89,11 +98,12 @@ def register(seed: int = DEFAULT_SEED,
   preprocessors = [seqio.preprocessors.tokenize,
                    seqio.CacheDatasetPlaceholder(),
                    seqio.preprocessors.append_eos_after_trim]
-  all_names, by_cluster, zs_by_cluster, option_evals = [], {}, {}, []
+  all_names, by_task, option_evals = [], {}, []
   for task in gen.TASKS:
     for variant, name in instruction_task_names(task).items():
       fn = functools.partial(
-          _text_dataset, task=task, num_shots=NUM_SHOTS if variant == "fs" else 0,
+          _text_dataset, task=task,
+          num_shots=NUM_SHOTS if variant == "fs" else 0,
           with_options=variant != "zs_noopt", data_seed=seed,
           sizes=split_sizes)
       seqio.TaskRegistry.add(
@@ -103,9 +113,7 @@ def register(seed: int = DEFAULT_SEED,
           output_features=features,
           metric_fns=[metrics.exact_match])
       all_names.append(name)
-      by_cluster.setdefault(task.cluster, []).append(name)
-      if variant != "fs":
-        zs_by_cluster.setdefault(task.cluster, []).append(name)
+      by_task.setdefault(task.name, []).append(name)
     if task.has_options:
       seqio.TaskRegistry.add(
           rank_task_name(task),
@@ -119,23 +127,43 @@ def register(seed: int = DEFAULT_SEED,
       option_evals += [instruction_task_names(task)["zs"],
                        rank_task_name(task)]
   seqio.MixtureRegistry.add("mini_flan", all_names, default_rate=1.0)
-  for cluster in gen.CLUSTERS:
+  for cluster, task_names in cluster_tasks().items():
+    members = [n for t in task_names for n in by_task[t]]
     seqio.MixtureRegistry.add(  # the few-shot variants of a held-out cluster
         f"mini_flan_eval_fs_{cluster}",
-        [n for n in by_cluster[cluster] if n.endswith("_fs")],
-        default_rate=1.0)
-    seqio.MixtureRegistry.add(f"mini_flan_{cluster}", by_cluster[cluster],
+        [n for n in members if n.endswith("_fs")], default_rate=1.0)
+    seqio.MixtureRegistry.add(f"mini_flan_{cluster}", members,
                               default_rate=1.0)
     seqio.MixtureRegistry.add(
         f"mini_flan_train_without_{cluster}",
-        [n for n in all_names if n not in by_cluster[cluster]],
-        default_rate=1.0)
-    seqio.MixtureRegistry.add(f"mini_flan_eval_{cluster}",
-                              zs_by_cluster[cluster], default_rate=1.0)
+        [n for n in all_names if n not in members], default_rate=1.0)
+    seqio.MixtureRegistry.add(
+        f"mini_flan_eval_{cluster}",
+        [n for n in members if not n.endswith("_fs")], default_rate=1.0)
   seqio.MixtureRegistry.add("mini_flan_eval_options", option_evals,
                             default_rate=1.0)
   _register_main_job()
   _register_pretraining(seed, features)
+
+
+def cluster_tasks() -> Dict[str, Tuple[str, ...]]:
+  """Every held-out group -> its task names: the generator's clusters
+  (`mini_flan_generators.CLUSTERS`) and `STUDY_CLUSTERS`.
+
+  Raises:
+    ValueError: a STUDY_CLUSTERS group that reuses a cluster's name or names
+      an unknown task.
+  """
+  out = {c: tuple(t.name for t in gen.TASKS if t.cluster == c)
+         for c in gen.CLUSTERS}
+  for group, names in STUDY_CLUSTERS.items():
+    unknown = [n for n in names if n not in gen.TASKS_BY_NAME]
+    if group in out or unknown or not names:
+      raise ValueError(f"mini_flan.STUDY_CLUSTERS[{group!r}]: needs a name "
+                       f"no generator cluster has and known tasks; "
+                       f"clusters {list(out)}, unknown tasks {unknown}")
+    out[group] = tuple(names)
+  return out
 
 
 def _zero_shot_and_rank(names) -> list:

@@ -4,11 +4,14 @@ import pytest
 import seqio
 
 import tasks  # pylint: disable=unused-import  # registers everything
+from tasks import mini_flan
 from tasks import mini_flan_generators as gen
 
 
 def test_held_out_mixtures_partition_clusters():
-  for cluster in gen.CLUSTERS:
+  groups = mini_flan.cluster_tasks()
+  assert set(gen.CLUSTERS) | set(mini_flan.STUDY_CLUSTERS) == set(groups)
+  for cluster, members in groups.items():
     train = {t.name for t in seqio.get_mixture_or_task(
         f"mini_flan_train_without_{cluster}").tasks}
     evals = {t.name for t in seqio.get_mixture_or_task(
@@ -16,7 +19,13 @@ def test_held_out_mixtures_partition_clusters():
     assert evals and train and not train & evals
     for task in gen.TASKS:
       in_train = any(n.startswith(f"mini_flan_{task.name}_") for n in train)
-      assert in_train == (task.cluster != cluster)
+      assert in_train == (task.name not in members)
+
+
+def test_study_cluster_named_like_a_generator_cluster_refused(monkeypatch):
+  monkeypatch.setattr(mini_flan, "STUDY_CLUSTERS", {"counting": ("sign",)})
+  with pytest.raises(ValueError, match="STUDY_CLUSTERS"):
+    mini_flan.cluster_tasks()
 
 
 def test_duplicate_registration_refused():
