@@ -24,7 +24,7 @@ from experiments.config import AUX_LOSSES, PRETRAIN_TASK, ExperimentConfig
 from experiments.plan import Job
 from experiments.variants import ModelSpec
 from moe_jax import flops
-from moe_jax.train import checkpoints
+from moe_jax.train import checkpoints, eval_averages
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -123,7 +123,8 @@ def _evaluations(config: ExperimentConfig, job: Job) -> dict:
 
 
 def evaluate(config: ExperimentConfig, model, job: Job, params) -> dict:
-  """{eval name: {"score": mean exact match, "tasks": {task: score}}}."""
+  """{eval name: {"score": the mixture's average exact match (each member
+  counting once, `eval_averages`), "tasks": {task: exact match}}}."""
   out = {}
   for name, (mixture, lengths) in _evaluations(config, job).items():
     evaluator = Evaluator(
@@ -131,9 +132,10 @@ def evaluate(config: ExperimentConfig, model, job: Job, params) -> dict:
                    batch_size=EVAL_BATCH, num_examples=config.eval_examples),
         model, "enc_dec", None)
     metrics = evaluator.evaluate(params, 0)
-    tasks = {task: values["exact_match"] for task, values in metrics.items()}
-    out[name] = {"score": float(np.mean(list(tasks.values()))),
-                 "tasks": tasks}
+    average = f"{mixture}/{eval_averages.AVERAGE}"
+    tasks = {task: values["exact_match"] for task, values in metrics.items()
+             if not task.endswith(f"/{eval_averages.AVERAGE}")}
+    out[name] = {"score": metrics[average]["exact_match"], "tasks": tasks}
   return out
 
 

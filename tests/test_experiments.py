@@ -159,6 +159,12 @@ def test_micro_run_fills_the_table(tmp_path):
     for column, values in columns.items():
       assert len(values) == 1, (model, column)
       assert all(math.isfinite(v) for v in values), (model, column)
+  for row in rows:
+    for evaluation in row["evals"].values():
+      scores = evaluation["tasks"]
+      assert scores and not any(t.endswith("/average") for t in scores)
+      assert min(scores.values()) <= evaluation["score"] <= max(
+          scores.values())  # a mean over the tasks, not over an average
   text = (tmp_path / "report" / "table.md").read_text()
   assert "| dense |" in text and "| switch_top1_e4 |" in text
   assert (tmp_path / "report" / "main.png").stat().st_size > 0
