@@ -45,7 +45,7 @@ def block_rows(num_rows: int, num_groups: int) -> int:
   and at most M = `num_rows` (a chunk must fit inside the rows)."""
   mean = max(num_rows // num_groups, 1)
   rows = 1 << (mean.bit_length() - 1)
-  return max(min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS, num_rows), 1)
+  return min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS, num_rows)
 
 
 def groups(group_sizes: Array) -> Groups:
@@ -168,7 +168,16 @@ def _blocked_bwd(rows, saved, grad):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>."""
-  rows = block_rows(lhs.shape[0], rhs.shape[0])
+def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array,
+                   rows: int | None = None) -> Array:
+  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>.
+
+  rows: B, the chunk height, in [1, M] (default `block_rows`).
+  """
+  if lhs.shape[0] == 0:  # no rows: nothing to chunk
+    return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs, rhs))
+  if rows is None:
+    rows = block_rows(lhs.shape[0], rhs.shape[0])
+  if not 1 <= rows <= lhs.shape[0]:
+    raise ValueError(f"rows={rows} must be in [1, M={lhs.shape[0]}]")
   return _blocked(lhs, rhs, groups(group_sizes), rows)
