@@ -17,7 +17,7 @@ summation order.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,16 +62,17 @@ def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
              jnp.zeros(shape, dtype))
 
 
-ChunkFn = Callable[[Array, Array, Array, Array], Array]
+Carry = Any  # a pytree of arrays
+ChunkFn = Callable[[Array, Array, Carry], Carry]
 
 
 def _over_chunks(where: Groups, rows: int, num_rows: int, chunk: ChunkFn,
-                 per_expert: Callable[[Array, Array], Array],
-                 init: Array) -> Array:
+                 per_expert: Callable[[Array, Carry], Carry],
+                 init: Carry) -> Carry:
   """Folds `chunk` over every group's chunks of B = `rows` sorted rows.
 
   For expert e, per_expert(e, carry) gives the carry of its first chunk;
-  chunk(e, at, valid, carry) sees the chunk as rows [at, at + B) of the M =
+  chunk(at, valid, carry) sees the chunk as rows [at, at + B) of the M =
   `num_rows` rows, `valid` <bool>[B] marking those of group e (a chunk
   past row M - B is moved back to end at M and its leading rows masked).
   Returns the carry after the last group.
@@ -84,7 +85,7 @@ def _over_chunks(where: Groups, rows: int, num_rows: int, chunk: ChunkFn,
       begin = first + j * rows
       at = jnp.minimum(begin, num_rows - rows)
       row = at + jnp.arange(rows)
-      return chunk(e, at, (row >= begin) & (row < end), carry)
+      return chunk(at, (row >= begin) & (row < end), carry)
 
     count = (where.size[e] + rows - 1) // rows
     return jax.lax.fori_loop(0, count, step, per_expert(e, carry))
@@ -103,7 +104,7 @@ def _rows_times(x: Array, rhs: Array, where: Groups, rows: int,
   contract = 1 if transpose_rhs else 0
   num_rows = x.shape[0]
 
-  def chunk(e, at, valid, carry):
+  def chunk(at, valid, carry):
     out, matrix = carry
     product = jax.lax.dot_general(
         jax.lax.dynamic_slice_in_dim(x, at, rows), matrix,
@@ -125,7 +126,7 @@ def _weight_grad(x: Array, grad: Array, where: Groups, rows: int) -> Array:
   total = _zeros((num_groups, x.shape[1], grad.shape[1]), x, grad)
   zero = _zeros(total.shape[1:], x, grad)
 
-  def chunk(e, at, valid, carry):
+  def chunk(at, valid, carry):
     total, running = carry
     part = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(x, at, rows),
                      0)
