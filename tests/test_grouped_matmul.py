@@ -12,6 +12,7 @@ import pytest
 
 from moe_jax.moe import grouped_matmul
 from moe_jax.moe.grouped_matmul import GroupedMatmul, resolve
+from moe_jax.moe.kernels import blocked
 from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from tests.layer_helpers import inputs
@@ -73,6 +74,40 @@ def test_equals_ragged_dot_forward_and_gradients(choice, case):
   np.testing.assert_array_equal(grads[0][used:], 0.0)
   for grad, want in zip(grads, want_grads):
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, ROWS])
+@pytest.mark.parametrize("case", ["seed0", "seed3", *SIZES])
+def test_blocked_equals_ragged_dot_for_any_chunk_height(rows, case):
+  # Chunks that end inside the next group, and (rows 3, 4) a last chunk
+  # moved back to end at row M, must come out the same as ragged_dot.
+  rng = np.random.default_rng(7)
+  lhs = jnp.asarray(rng.normal(size=(ROWS, 6)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(GROUPS, 6, 4)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(ROWS, 4)), jnp.float32)
+  sizes = sizes_case(case)
+  matmul = functools.partial(blocked.grouped_matmul, rows=rows)
+  got = value_and_grads(lhs, rhs, sizes, cotangent, matmul=matmul)
+  want = value_and_grads(lhs, rhs, sizes, cotangent,
+                         matmul=jax.lax.ragged_dot)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("rows", [0, ROWS + 1])
+def test_blocked_rejects_a_chunk_height_outside_the_rows(rows):
+  with pytest.raises(ValueError, match=f"rows={rows}"):
+    blocked.grouped_matmul(jnp.ones((ROWS, 2)), jnp.ones((GROUPS, 2, 3)),
+                           jnp.zeros((GROUPS,), jnp.int32), rows=rows)
+
+
+def test_blocked_with_no_rows():
+  rhs = jnp.ones((GROUPS, 2, 3))
+  sizes = jnp.zeros((GROUPS,), jnp.int32)
+  matmul = lambda w: blocked.grouped_matmul(jnp.ones((0, 2)), w, sizes)
+  assert matmul(rhs).shape == (0, 3)
+  np.testing.assert_array_equal(
+      jax.grad(lambda w: jnp.sum(matmul(w)))(rhs), 0.0)
 
 
 @functools.cache  # the ragged_dot reference runs once

@@ -44,8 +44,9 @@ class GroupedMatmul(str, enum.Enum):
   RAGGED_DOT: `jax.lax.ragged_dot`, XLA's grouped matmul.
   DENSE: every row against every expert, then the row's own result kept;
     E times the work, for tests.
-  BLOCKED: rows copied into per-expert blocks, one plain dot per block in
-    use (`moe_jax.moe.kernels.blocked`); fast on CPU.
+  BLOCKED: each expert's rows walked in chunks read in place from the
+    sorted rows, one plain dot per chunk (`moe_jax.moe.kernels.blocked`);
+    fast on CPU.
   MEGABLOX: the Pallas TPU kernels of
     `jax.experimental.pallas.ops.tpu.megablox`; interpreted (slow) off TPU.
   TOKAMAX: `tokamax.ragged_dot` (GPU kernels; the `[tokamax]` extra),

@@ -1,21 +1,23 @@
 """A blocked grouped matmul for CPUs (see `moe_jax.moe.grouped_matmul`).
 
-Each group's rows are copied into whole blocks of B rows (the last one of a
-group zero-padded), so every block belongs to one expert. A loop then runs
-one plain <[B, I]> @ <[I, O]> dot per block against its expert's matrix,
-visiting only the blocks in use: the work is that of the rows plus at most
-B - 1 padding rows per group, never E times it, and each dot is the large
-contiguous kind a CPU does at full speed. The backward pass reuses the
-layout: the input gradient is the same loop against transposed matrices and
-the weight gradient adds each block's <[I, B]> @ <[B, O]> into its expert's
-slot. Shapes are static (NB = M // B + E blocks reserved); results are
-exact up to float summation order.
+Each group's rows are contiguous in the sorted input, so a loop over the
+experts slices its expert's matrix once and then walks the group in chunks
+of B rows, reading each chunk straight from the sorted rows (no copy into
+padded block buffers): one plain <[B, I]> @ <[I, O]> dot per chunk. A
+group's last chunk may reach into the next group's rows; those rows are
+masked out (kept as they were in the output, zero in the weight gradient).
+The work is that of the rows plus at most B - 1 masked rows per group, never
+E times it. The backward pass walks the same chunks: the input gradient
+against transposed matrices, the weight gradient as a running
+<[I, B]> @ <[B, O]> sum per expert, written to its slot once. Nothing of
+size M is kept besides the operands; results are exact up to float
+summation order.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,59 +30,28 @@ MAX_BLOCK_ROWS = 128
 MIN_BLOCK_ROWS = 16
 
 
-class Layout(NamedTuple):
-  """Where each sorted row sits in the block buffer; NB blocks of B rows.
+class Groups(NamedTuple):
+  """Where each group's rows are in the sorted rows.
 
-  slot: <int32>[M] row index into the flat <[NB * B]> buffer (NB * B for
-    rows past sum(group_sizes), which read as 0 and are never written).
-  block_expert: <int32>[NB] expert of each block.
-  num_blocks: <int32>[] blocks in use (the first `num_blocks`).
+  start: <int32>[E] index of the group's first row.
+  size: <int32>[E] the group's row count.
   """
-  slot: Array
-  block_expert: Array
-  num_blocks: Array
+  start: Array
+  size: Array
 
 
 def block_rows(num_rows: int, num_groups: int) -> int:
-  """B: the largest power of two <= the mean group size, in [16, 128]."""
+  """B: the largest power of two <= the mean group size, in [16, 128],
+  and at most M = `num_rows` (a chunk must fit inside the rows)."""
   mean = max(num_rows // num_groups, 1)
   rows = 1 << (mean.bit_length() - 1)
-  return min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS)
+  return min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS, num_rows)
 
 
-def layout(group_sizes: Array, num_rows: int, rows: int) -> Layout:
-  """The block layout of M = `num_rows` sorted rows, B = `rows`."""
-  num_groups = group_sizes.shape[0]
-  capacity = num_rows // rows + num_groups  # >= sum(ceil(size / B))
-  blocks = (group_sizes + rows - 1) // rows  # [E]
-  block_end = jnp.cumsum(blocks)  # [E]
-  row_end = jnp.cumsum(group_sizes)  # [E]
-  row = jnp.arange(num_rows)
-  group = jnp.searchsorted(row_end, row, side="right")  # [M]; E past all
-  in_group = group < num_groups
-  group = jnp.minimum(group, num_groups - 1)
-  local = row - (row_end - group_sizes)[group]
-  first_slot = (block_end - blocks)[group] * rows
-  slot = jnp.where(in_group, first_slot + local, capacity * rows)
-  block_expert = jnp.searchsorted(block_end, jnp.arange(capacity),
-                                  side="right")
-  return Layout(slot.astype(jnp.int32),
-                jnp.minimum(block_expert, num_groups - 1).astype(jnp.int32),
-                block_end[-1].astype(jnp.int32))
-
-
-def _to_blocks(x: Array, where: Layout, rows: int) -> Array:
-  """<[M, W]> sorted rows -> <[NB, B, W]> blocks, padding 0."""
-  capacity = where.block_expert.shape[0]
-  flat = jnp.zeros((capacity * rows, x.shape[1]), x.dtype)
-  flat = flat.at[where.slot].set(x, mode="drop")
-  return flat.reshape(capacity, rows, x.shape[1])
-
-
-def _from_blocks(blocks: Array, where: Layout) -> Array:
-  """<[NB, B, W]> -> <[M, W]>; rows past the groups are 0."""
-  flat = blocks.reshape(-1, blocks.shape[-1])
-  return flat.at[where.slot].get(mode="fill", fill_value=0)
+def groups(group_sizes: Array) -> Groups:
+  """<int32>[E] row counts -> their `Groups`."""
+  size = group_sizes.astype(jnp.int32)
+  return Groups(jnp.cumsum(size) - size, size)
 
 
 def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
@@ -91,45 +62,95 @@ def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
              jnp.zeros(shape, dtype))
 
 
-def _per_block(x: Array, rhs: Array, where: Layout,
-               transpose_rhs: bool) -> Array:
-  """out[n] = x[n] @ rhs[e_n] (or its transpose) for the blocks in use.
+Carry = Any  # a pytree of arrays
+ChunkFn = Callable[[Array, Array, Carry], Carry]
 
-  x <[NB, B, I]>, rhs <[E, I, O]> -> <[NB, B, O]> (<[NB, B, I]> from
-  x <[NB, B, O]> when `transpose_rhs`); unused blocks stay 0.
+
+def _over_chunks(where: Groups, rows: int, num_rows: int, chunk: ChunkFn,
+                 per_expert: Callable[[Array, Carry], Carry],
+                 init: Carry) -> Carry:
+  """Folds `chunk` over every group's chunks of B = `rows` sorted rows.
+
+  For expert e, per_expert(e, carry) gives the carry of its first chunk;
+  chunk(at, valid, carry) sees the chunk as rows [at, at + B) of the M =
+  `num_rows` rows, `valid` <bool>[B] marking those of group e (a chunk
+  past row M - B is moved back to end at M and its leading rows masked).
+  Returns the carry after the last group.
+  """
+
+  def expert(e, carry):
+    first, end = where.start[e], where.start[e] + where.size[e]
+
+    def step(j, carry):
+      begin = first + j * rows
+      at = jnp.minimum(begin, num_rows - rows)
+      row = at + jnp.arange(rows)
+      return chunk(at, (row >= begin) & (row < end), carry)
+
+    count = (where.size[e] + rows - 1) // rows
+    return jax.lax.fori_loop(0, count, step, per_expert(e, carry))
+
+  return jax.lax.fori_loop(0, where.size.shape[0], expert, init)
+
+
+def _rows_times(x: Array, rhs: Array, where: Groups, rows: int,
+                transpose_rhs: bool) -> Array:
+  """out[m] = x[m] @ rhs[e(m)] (or its transpose), rows past the groups 0.
+
+  x <[M, I]>, rhs <[E, I, O]> -> <[M, O]> (<[M, I]> from x <[M, O]> when
+  `transpose_rhs`).
   """
   width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   contract = 1 if transpose_rhs else 0
+  num_rows = x.shape[0]
 
-  def body(n, out):
+  def chunk(at, valid, carry):
+    out, matrix = carry
     product = jax.lax.dot_general(
-        x[n], rhs[where.block_expert[n]], (((1,), (contract,)), ((), ())),
-        preferred_element_type=out.dtype)
-    return jax.lax.dynamic_update_index_in_dim(out, product, n, 0)
+        jax.lax.dynamic_slice_in_dim(x, at, rows), matrix,
+        (((1,), (contract,)), ((), ())), preferred_element_type=out.dtype)
+    kept = jax.lax.dynamic_slice_in_dim(out, at, rows)
+    return jax.lax.dynamic_update_slice_in_dim(
+        out, jnp.where(valid[:, None], product, kept), at, 0), matrix
 
-  out = _zeros(x.shape[:2] + (width,), x, rhs)
-  return jax.lax.fori_loop(0, where.num_blocks, body, out)
+  # The expert's matrix is sliced once per expert, not once per chunk.
+  out, _ = _over_chunks(where, rows, num_rows, chunk,
+                        lambda e, carry: (carry[0], rhs[e]),
+                        (_zeros((num_rows, width), x, rhs), rhs[0]))
+  return out
 
 
-def _weight_grad(x: Array, grad: Array, where: Layout,
-                 num_groups: int) -> Array:
-  """<[E, I, O]>: sum over expert e's blocks of x[n]^T @ grad[n]."""
+def _weight_grad(x: Array, grad: Array, where: Groups, rows: int) -> Array:
+  """<[E, I, O]>: sum over group e's rows m of x[m]^T grad[m]."""
+  num_groups, num_rows = where.size.shape[0], x.shape[0]
+  total = _zeros((num_groups, x.shape[1], grad.shape[1]), x, grad)
+  zero = _zeros(total.shape[1:], x, grad)
 
-  def body(n, total):
-    expert = where.block_expert[n]
-    update = jax.lax.dot_general(x[n], grad[n], (((0,), (0,)), ((), ())),
-                                 preferred_element_type=total.dtype)
-    return jax.lax.dynamic_update_index_in_dim(
-        total, total[expert] + update, expert, 0)
+  def chunk(at, valid, carry):
+    total, running = carry
+    part = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(x, at, rows),
+                     0)
+    running = running + jax.lax.dot_general(
+        part, jax.lax.dynamic_slice_in_dim(grad, at, rows),
+        (((0,), (0,)), ((), ())), preferred_element_type=running.dtype)
+    return total, running
 
-  total = _zeros((num_groups, x.shape[2], grad.shape[2]), x, grad)
-  return jax.lax.fori_loop(0, where.num_blocks, body, total)
+  def per_expert(e, carry):
+    total, running = carry
+    # Expert e - 1 is done: its sum goes to its slot (e = 0: slot E - 1,
+    # overwritten at the end).
+    return (jax.lax.dynamic_update_index_in_dim(
+        total, running, (e - 1) % num_groups, 0), zero)
+
+  total, running = _over_chunks(where, rows, num_rows, chunk, per_expert,
+                                (total, zero))
+  return jax.lax.dynamic_update_index_in_dim(total, running, num_groups - 1,
+                                             0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked(lhs: Array, rhs: Array, where: Layout, rows: int) -> Array:
-  blocks = _per_block(_to_blocks(lhs, where, rows), rhs, where, False)
-  return _from_blocks(blocks, where)
+def _blocked(lhs: Array, rhs: Array, where: Groups, rows: int) -> Array:
+  return _rows_times(lhs, rhs, where, rows, False)
 
 
 def _blocked_fwd(lhs, rhs, where, rows):
@@ -138,10 +159,8 @@ def _blocked_fwd(lhs, rhs, where, rows):
 
 def _blocked_bwd(rows, saved, grad):
   lhs, rhs, where = saved
-  grad_blocks = _to_blocks(grad, where, rows)
-  grad_lhs = _from_blocks(_per_block(grad_blocks, rhs, where, True), where)
-  grad_rhs = _weight_grad(_to_blocks(lhs, where, rows), grad_blocks, where,
-                          rhs.shape[0])
+  grad_lhs = _rows_times(grad, rhs, where, rows, True)
+  grad_rhs = _weight_grad(lhs, grad, where, rows)
   no_grad = jax.tree.map(lambda _: None, where)
   return (sum_to_vary_like(grad_lhs.astype(lhs.dtype), lhs),
           sum_to_vary_like(grad_rhs.astype(rhs.dtype), rhs), no_grad)
@@ -150,8 +169,16 @@ def _blocked_bwd(rows, saved, grad):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>."""
-  rows = block_rows(lhs.shape[0], rhs.shape[0])
-  where = layout(group_sizes.astype(jnp.int32), lhs.shape[0], rows)
-  return _blocked(lhs, rhs, where, rows)
+def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array,
+                   rows: int | None = None) -> Array:
+  """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>.
+
+  rows: B, the chunk height, in [1, M] (default `block_rows`).
+  """
+  if lhs.shape[0] == 0:  # no rows: nothing to chunk
+    return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs, rhs))
+  if rows is None:
+    rows = block_rows(lhs.shape[0], rhs.shape[0])
+  if not 1 <= rows <= lhs.shape[0]:
+    raise ValueError(f"rows={rows} must be in [1, M={lhs.shape[0]}]")
+  return _blocked(lhs, rhs, groups(group_sizes), rows)
