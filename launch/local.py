@@ -3,7 +3,8 @@
   python launch/local.py --num_processes=2 --devices_per_process=4 \
       [--dry_run] -- train --gin_file=...
 
-Each process gets `devices_per_process` fake CPU devices and finds the others
+Each process gets `devices_per_process` fake CPU devices (added to the
+caller's XLA_FLAGS, whose other flags it keeps) and finds the others
 through a coordinator on localhost (`--distributed=env`). Output lines are
 prefixed with the process id. Exit status: the first non-zero one, if any; a
 failing process stops the others.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -24,13 +27,18 @@ from launch.common import job_command, show  # noqa: E402
 from moe_jax import distributed  # noqa: E402
 
 
+_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
+
+
 def process_env(process_id: int, num_processes: int, devices_per_process: int,
-                port: int) -> dict[str, str]:
-  """Environment variables that place one process in the job."""
+                port: int, xla_flags: str) -> dict[str, str]:
+  """Environment variables that place one process in the job; `xla_flags`,
+  the caller's XLA_FLAGS, keep all but their device count."""
+  flags = _DEVICE_COUNT.sub("", xla_flags).split()
+  flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
   return {
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": ("--xla_force_host_platform_device_count="
-                    f"{devices_per_process}"),
+      "XLA_FLAGS": " ".join(flags),
       distributed.COORDINATOR_ADDRESS: f"localhost:{port}",
       distributed.NUM_PROCESSES: str(num_processes),
       distributed.PROCESS_ID: str(process_id),
@@ -51,7 +59,7 @@ def run(main_args: Sequence[str], num_processes: int, devices_per_process: int,
   processes, readers = [], []
   for pid in range(num_processes):
     env = {**base_env, **process_env(pid, num_processes, devices_per_process,
-                                     port)}
+                                     port, base_env.get("XLA_FLAGS", ""))}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     reader = threading.Thread(target=_stream, args=(process, str(pid)))
@@ -93,8 +101,9 @@ def main(argv: Sequence[str]) -> int:
     command = job_command(main_args, "env", python=sys.executable)
     for pid in range(args.num_processes):
       env = process_env(pid, args.num_processes, args.devices_per_process,
-                        args.port)
-      print(" ".join(f"{k}={v}" for k, v in env.items()), show(command))
+                        args.port, os.environ.get("XLA_FLAGS", ""))
+      print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+            show(command))
     return 0
   return run(main_args, args.num_processes, args.devices_per_process,
              args.port)

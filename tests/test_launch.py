@@ -2,6 +2,7 @@
 
 import os
 import stat
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -98,11 +99,21 @@ def test_local_dry_run_environment():
                  "--port=4321").strip().splitlines()
   assert len(out) == 2
   for pid, line in enumerate(out):
-    assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line
+    env = dict(word.split("=", 1) for word in shlex.split(line)
+               if word.split("=", 1)[0].isupper())  # NAME=value words
+    assert env["XLA_FLAGS"].split()[-1] == (
+        "--xla_force_host_platform_device_count=4")
     assert "MOE_JAX_COORDINATOR_ADDRESS=localhost:4321" in line
     assert f"MOE_JAX_PROCESS_ID={pid}" in line
     assert "MOE_JAX_NUM_PROCESSES=2" in line
-  assert local.process_env(1, 2, 4, 1)["JAX_PLATFORMS"] == "cpu"
+  assert local.process_env(1, 2, 4, 1, "")["JAX_PLATFORMS"] == "cpu"
+
+
+def test_local_processes_keep_the_callers_xla_flags():
+  env = local.process_env(0, 2, 4, 1, "--xla_dump_to=d "
+                          "--xla_force_host_platform_device_count=8")
+  assert env["XLA_FLAGS"].split() == [
+      "--xla_dump_to=d", "--xla_force_host_platform_device_count=4"]
 
 
 def test_launchers_need_a_command():

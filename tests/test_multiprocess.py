@@ -91,8 +91,9 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
                              "--gin.run.TrainConfig.overwrite_config=True")
   assert "resumed from step 2" in out
 
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
+      os.environ.get("XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=8")}
   _run(["-m", "moe_jax.main", "train", *RUN_FLAGS, "--gin.TRAIN_STEPS=4",
         f"--gin.MODEL_DIR='{single}'"], env=env)
 

@@ -36,7 +36,8 @@ def _start(model_dir: Path, *flags: str) -> list[subprocess.Popen]:
     log = open(model_dir.parent / f"{model_dir.name}.{pid}.log", "w")
     processes.append(subprocess.Popen(
         command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, **local.process_env(pid, 2, 4, port)}))
+        env={**os.environ, **local.process_env(
+            pid, 2, 4, port, os.environ.get("XLA_FLAGS", ""))}))
   return processes
 
 
