@@ -186,7 +186,8 @@ def ablation_table(rows: Sequence[dict], base: Callable[[dict], bool],
   return lines, values
 
 
-def _plot_main(values_by_cluster: dict, path: Path) -> None:
+def _plot_main(values_by_cluster: dict, path: Path,
+               baselines: Mapping[str, Mapping[str, float]]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -207,6 +208,9 @@ def _plot_main(values_by_cluster: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
     ax.set_xticklabels(columns, rotation=15)
     ax.axhline(0, color="black", linewidth=0.5)
+    if cluster in baselines:
+      ax.axhline(baselines[cluster]["zero_shot"], color="gray",
+                 linestyle="--", linewidth=1, label="constant answer")
     ax.set_ylabel("exact match (%)")
     ax.set_title(f"held-out cluster: {cluster}")
     ax.legend(fontsize=8)
@@ -219,7 +223,8 @@ def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  clusters = [c for c, v in values_by_cluster.items() if v]
+  clusters = [c for c, v in values_by_cluster.items()
+              if set(v) - {"baseline"}]
   if not clusters:
     return
   fig, axes = plt.subplots(1, len(clusters), squeeze=False,
@@ -280,7 +285,7 @@ def write(config, rows: Sequence[dict],
                                       (baselines or {}).get(cluster))
     lines += [f"## Held-out cluster: {cluster}", "", *table, ""]
     table, ablations[cluster] = ablation_table(rows, is_base, cluster)
-    if ablations[cluster]:
+    if set(ablations[cluster]) - {"baseline"}:  # some ablation ran
       lines += [f"### Ablations ({base}, seed {config.ablation_seed})", "",
                 *table, ""]
   table, routing = routing_table(rows, models, config.held_out)
@@ -298,6 +303,6 @@ def write(config, rows: Sequence[dict],
   (out / "table.md").write_text("\n".join(lines))
   (out / "results.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows))
-  _plot_main(main, out / "main.png")
+  _plot_main(main, out / "main.png", baselines or {})
   _plot_ablations(ablations, out / "ablations.png")
   return {"main": main, "routing": routing, "ablations": ablations}
