@@ -38,6 +38,10 @@ class ExperimentConfig:
     tune_learning_rate: constant rate of instruction tuning / fine-tuning.
     warmup_steps: linear warmup of every stage.
     eval_examples: evaluation examples per task.
+    flan_cot_rate: share of instruction-tuning examples drawn from the FLAN
+      2022 chain-of-thought files in the variant `instruct_cot` (one job per
+      model, seed `ablation_seed`); it runs when the data directory
+      (`tasks.data_dir`: $MOE_JAX_DATA_DIR) holds them, and 0 turns it off.
     ablation_seed: the seed of every ablation.
     ablation_base: routing of the model the ablations vary.
     ablate_experts: E values (besides `num_experts`) for the base routing.
@@ -74,6 +78,7 @@ class ExperimentConfig:
   tune_learning_rate: float = 0.003
   warmup_steps: int = 10
   eval_examples: int = 32
+  flan_cot_rate: float = 0.2
   ablation_seed: int = 0
   ablation_base: str = "switch_top1"
   ablate_experts: Sequence[int] = ()
@@ -93,6 +98,9 @@ class ExperimentConfig:
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
                          f"{getattr(self, knob)}")
+    if not 0 <= self.flan_cot_rate < 1:
+      raise ValueError("flan_cot_rate must be in [0, 1); got "
+                       f"flan_cot_rate={self.flan_cot_rate}")
     if not self.seeds:
       raise ValueError("seeds must name at least one seed")
     unknown = set(self.ablate_aux_losses) - set(AUX_LOSSES)

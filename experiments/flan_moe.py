@@ -6,17 +6,21 @@ tuning than FLOP-matched dense ones?
 
 After Shen et al., "Mixture-of-Experts Meets Instruction Tuning" (ICLR 2024).
 Every model (`variants.ModelSpec`, FLOP-matched to the dense one) is
-pre-trained with span corruption on generated text, then, for each held-out
-task cluster C of the mini_flan suite:
+pre-trained with span corruption on generated text, then, with the held-out
+task clusters H of the mini_flan suite (`held_out`):
 
-  finetune           fine-tuned on C's training tasks (no instruction tuning)
-  instruct           instruction-tuned on the other clusters
-                     (`mini_flan_train_without_C`), evaluated zero-shot
+  untuned            the pre-trained model, evaluated zero- and few-shot
+  finetune           fine-tuned on the training tasks of every cluster in H
+                     together (no instruction tuning)
+  instruct           instruction-tuned on every task outside H
+                     (`jobs.held_out_mixtures`), evaluated zero-shot
                      (`mini_flan_eval_C`) and few-shot (`mini_flan_eval_fs_C`)
-  instruct_finetune  the instruction-tuned model fine-tuned on C
+                     on each cluster C of H
+  instruct_finetune  the instruction-tuned model fine-tuned as `finetune`
 
-Scores are exact match (percent) on the validation split, averaged over the
-mixture's tasks. Ablations (one seed, `ablation_seed`, around the model
+Every stage is scored on each cluster C of H separately: exact match
+(percent) on the validation split, averaged over C's tasks, beside the
+constant-answer baseline of those tasks. Ablations (one seed, `ablation_seed`, around the model
 `ablation_base`): number of experts and routing strategy (whole chain),
 routing-loss type and frozen router / experts during instruction tuning, and
 the capacity factor at evaluation of the instruction-tuned model.
@@ -56,7 +60,8 @@ def main(argv: Sequence[str]) -> int:
   _, models = _phases_and_models(config)
   report.write(config, rows, wall_seconds=time.time() - start,
                settings=variants.settings_table(models,
-                                                config.instruct_lengths))
+                                                config.instruct_lengths),
+               baselines=jobs.constant_baselines(config))
   print(f"{len(rows)} results in {time.time() - start:.0f} s; report in "
         f"{config.reports_to}")
   return 0
@@ -79,11 +84,13 @@ def run_experiment(config: ExperimentConfig) -> list[dict]:
   for phase in phases:
     calls = [(config, models, job) for job in phase]
     if config.workers == 1:
-      rows += [jobs.run_job(*call) for call in calls]
+      rows += [row for call in calls for row in jobs.run_job(*call)]
       continue
     with context.Pool(config.workers, initializer=jobs.init_worker,
                       initargs=(config,)) as pool:
-      rows += pool.starmap(jobs.run_job, calls, chunksize=1)
+      rows += [row for job_rows in pool.starmap(jobs.run_job, calls,
+                                                chunksize=1)
+               for row in job_rows]
   return rows
 
 

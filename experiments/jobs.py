@@ -1,10 +1,15 @@
 """Running one `plan.Job`: build its `moe_jax.train.run.Run`, train,
-evaluate, and write its result row (OUT_DIR/results/<job name>.json).
+evaluate on every held-out cluster, and write its result rows
+(OUT_DIR/results/<job name>.json, a list).
 
-A result row holds the job's fields, the model's size and forward FLOPs per
+A job has one result row per held-out cluster (pre-training: one row, cluster
+""). A row holds the job's fields, the model's size and forward FLOPs per
 example, the final training cross entropy (mean of the last 10% of steps),
-and per evaluation ("zero_shot", "few_shot") the mean exact match (percent)
-over the mixture's tasks and each task's score.
+per evaluation ("zero_shot", "few_shot") the mean exact match (percent)
+over the cluster's tasks and each task's score, and for sparse models
+evaluated zero-shot the routing on the cluster's validation examples
+(`routing`: expert usage and drop ratio, means over sparse layers,
+`moe_jax.inspection.analyses`).
 """
 
 from __future__ import annotations
@@ -13,18 +18,24 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import seqio
 
 import tasks  # noqa: F401  (registers mini_flan)
+from tasks import flan2022, flan2022_sources, mini_flan
 from experiments import variants
 from experiments.config import AUX_LOSSES, PRETRAIN_TASK, ExperimentConfig
 from experiments.plan import Job
 from experiments.variants import ModelSpec
 from moe_jax import flops
-from moe_jax.train import checkpoints, eval_averages
+from moe_jax.inspection import analyses, task_batches
+from moe_jax.inspection.checkpoint import Checkpoint
+from moe_jax.inspection.routing_report import route_batch
+from moe_jax.models import build_model
+from moe_jax.train import baseline, checkpoints, eval_averages
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -74,6 +85,52 @@ def _with_eval_capacity(model, factor: Optional[float]):
   return model.with_moe_layers(eval_capacity_factor=factor)
 
 
+def held_out_mixtures(clusters: Sequence[str]) -> tuple[str, str]:
+  """(fine-tuning mixture: the zero-shot tasks of `clusters`, the ones
+  evaluation scores; instruction-tuning mixture: every mini_flan task outside
+  `clusters`), registered on first use from the per-cluster mixtures
+  `tasks.mini_flan` registers."""
+  if len(clusters) == 1:
+    return (f"mini_flan_eval_{clusters[0]}",
+            f"mini_flan_train_without_{clusters[0]}")
+  suffix = "_".join(clusters)
+  names = (f"mini_flan_tune_{suffix}", f"mini_flan_train_without_{suffix}")
+  tune = [t.name for c in clusters
+          for t in seqio.get_mixture_or_task(f"mini_flan_eval_{c}").tasks]
+  held_out = {t.name for c in clusters
+              for t in seqio.get_mixture_or_task(f"mini_flan_{c}").tasks}
+  members = (tune, [t.name for t in seqio.get_mixture_or_task(
+      "mini_flan").tasks if t.name not in held_out])
+  for name, tasks_of in zip(names, members):
+    if name not in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.add(name, tasks_of, default_rate=1.0)
+  return names
+
+
+def flan_cot_mixture(instruct: str, rate: float) -> str:
+  """`instruct` with `rate` of its examples drawn from the FLAN 2022
+  chain-of-thought files of the data directory (`tasks.data_dir`;
+  zero-shot, with options), registered on first use. The CoT tasks are
+  re-registered over mini_flan's byte vocabulary (a mixture holds one
+  vocabulary); their targets are the rationale, then the answer."""
+  name = f"{instruct}_flan_cot"
+  if name in seqio.MixtureRegistry.names():
+    return name
+  features = mini_flan.output_features()
+  cot = []
+  for dataset in flan2022_sources.COT_DATASETS:
+    task = seqio.get_mixture_or_task(
+        flan2022.task_name("cot", dataset, "zs_opt"))
+    cot.append(f"mini_flan_flan_cot_{dataset}")
+    seqio.TaskRegistry.add(cot[-1], source=task.source,
+                           preprocessors=task.preprocessors,
+                           output_features=features)
+  seqio.MixtureRegistry.add(f"{name}_only", cot, default_rate=1.0)
+  seqio.MixtureRegistry.add(name, [(instruct, 1 - rate),
+                                   (f"{name}_only", rate)])
+  return name
+
+
 def build_run(config: ExperimentConfig, models: Models, job: Job):
   """The `Run` of a training job."""
   model, loss = models[job.model]
@@ -88,11 +145,14 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
         warmup_steps=config.warmup_steps, total_steps=steps)
   else:
     lengths = config.instruct_lengths
+    finetune, instruct = held_out_mixtures(config.held_out)
     if job.stage == "instruct":
-      mixture = f"mini_flan_train_without_{job.cluster}"
+      mixture, steps = instruct, config.instruct_steps
+    elif job.stage == "instruct_cot":
+      mixture = flan_cot_mixture(instruct, config.flan_cot_rate)
       steps = config.instruct_steps
     else:
-      mixture, steps = f"mini_flan_{job.cluster}", config.finetune_steps
+      mixture, steps = finetune, config.finetune_steps
     optimizer = OptimizerConfig(
         learning_rate=config.tune_learning_rate, schedule="constant",
         warmup_steps=config.warmup_steps, total_steps=steps,
@@ -110,23 +170,25 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
       optimizer=optimizer, loss=loss)
 
 
-def _evaluations(config: ExperimentConfig, job: Job) -> dict:
-  """name -> (mixture, feature lengths) that `job` is scored on."""
-  if job.stage == "pretrain":
-    return {}
+def _evaluations(config: ExperimentConfig, job: Job, cluster: str) -> dict:
+  """name -> (mixture, feature lengths) that `job` is scored on in
+  `cluster`."""
   lengths = dict(config.instruct_lengths)
-  evals = {"zero_shot": (f"mini_flan_eval_{job.cluster}", lengths)}
-  if job.stage == "untuned" or (job.stage == "instruct" and job.train):
-    evals["few_shot"] = (f"mini_flan_eval_fs_{job.cluster}",
+  evals = {"zero_shot": (f"mini_flan_eval_{cluster}", lengths)}
+  if job.stage in ("untuned", "instruct_cot") or (
+      job.stage == "instruct" and job.train):
+    evals["few_shot"] = (f"mini_flan_eval_fs_{cluster}",
                          {**lengths, "inputs": config.few_shot_input_length})
   return evals
 
 
-def evaluate(config: ExperimentConfig, model, job: Job, params) -> dict:
+def evaluate(config: ExperimentConfig, model, job: Job, params,
+             cluster: str) -> dict:
   """{eval name: {"score": the mixture's average exact match (each member
-  counting once, `eval_averages`), "tasks": {task: exact match}}}."""
+  counting once, `eval_averages`), "tasks": {task: exact match}}} of
+  `cluster`."""
   out = {}
-  for name, (mixture, lengths) in _evaluations(config, job).items():
+  for name, (mixture, lengths) in _evaluations(config, job, cluster).items():
     evaluator = Evaluator(
         EvalConfig(mixture, task_feature_lengths=lengths,
                    batch_size=EVAL_BATCH, num_examples=config.eval_examples),
@@ -139,6 +201,43 @@ def evaluate(config: ExperimentConfig, model, job: Job, params) -> dict:
   return out
 
 
+def routing(config: ExperimentConfig, model, params, cluster: str
+            ) -> Optional[dict]:
+  """{"usage": expert usage, "drop_ratio": tokens no expert processed /
+  tokens, "load_cv": std / mean of the tokens each expert receives}, each
+  the mean over sparse layers, of `params` routing the first
+  `eval_examples` validation examples of each of `cluster`'s zero-shot
+  tasks (eval mode); None for a dense model."""
+  if model.encoder_moe is None and model.decoder_moe is None:
+    return None
+  checkpoint = Checkpoint(None, 0, model, build_model(model), params, None)
+  batch = task_batches.joined(task_batches.task_batches(
+      checkpoint, f"mini_flan_eval_{cluster}",
+      examples_per_task=config.eval_examples,
+      task_feature_lengths=config.instruct_lengths))
+  report = route_batch(checkpoint, batch)
+  load = report.load_matrix()  # [R, E]
+  return {"usage": float(analyses.utilization_of(report).mean()),
+          "drop_ratio": float(analyses.drops(report).drop_ratio.mean()),
+          "load_cv": float(np.mean(load.std(-1) / load.mean(-1)))}
+
+
+def constant_baselines(config: ExperimentConfig) -> dict:
+  """{cluster: {eval name: the constant-answer baseline's average exact
+  match}} on the examples `evaluate` scores (`moe_jax.train.baseline`)."""
+  out = {}
+  job = Job(ModelSpec(variants.DENSE), 0, "untuned", train=False)
+  for cluster in config.held_out:
+    out[cluster] = {}
+    for name, (mixture, lengths) in _evaluations(config, job,
+                                                 cluster).items():
+      scores = baseline.constant_answer_scores(
+          mixture, "validation", lengths, config.eval_examples)
+      out[cluster][name] = scores[f"{mixture}/{eval_averages.AVERAGE}"][
+          "exact_match"]
+  return out
+
+
 def _final_cross_entropy(model_dir: Path) -> float:
   """Mean training cross entropy over the last 10% of steps, from the
   run's metrics log (so a resumed run reports its whole history)."""
@@ -147,8 +246,10 @@ def _final_cross_entropy(model_dir: Path) -> float:
   return float(np.mean(values[-max(len(values) // 10, 1):]))
 
 
-def run_job(config: ExperimentConfig, models: Models, job: Job) -> dict:
-  """Trains and / or evaluates `job`; its result row (reused if written)."""
+def run_job(config: ExperimentConfig, models: Models, job: Job
+            ) -> list[dict]:
+  """Trains and / or evaluates `job`; its result rows (reused if
+  written)."""
   path = Path(config.out_dir) / "results" / f"{job.name}.json"
   if path.is_file():
     return json.loads(path.read_text())
@@ -162,17 +263,24 @@ def run_job(config: ExperimentConfig, models: Models, job: Job) -> dict:
     params = checkpoints.restore_params(_model_dir(config, job.init_from))
   counts = flops.count(model, config.instruct_lengths["inputs"],
                        config.instruct_lengths["targets"])
-  row = {
+  common = {
       "job": job.name, "model": job.model.name,
       "routing": job.model.routing, "num_experts": job.model.num_experts,
-      "seed": job.seed, "stage": job.stage, "cluster": job.cluster,
-      "ablation": job.ablation, "train_loss": train_loss,
-      "evals": evaluate(config, model, job, params),
-      "params": counts.total_params, "forward_flops": counts.forward_flops,
-      "seconds": time.time() - start}
+      "seed": job.seed, "stage": job.stage, "ablation": job.ablation,
+      "train_loss": train_loss, "params": counts.total_params,
+      "forward_flops": counts.forward_flops}
+  clusters = () if job.stage == "pretrain" else config.held_out
+  rows = [{**common, "cluster": cluster,
+           "evals": evaluate(config, model, job, params, cluster),
+           "routing": routing(config, model, params, cluster)}
+          for cluster in clusters] or [{**common, "cluster": "", "evals": {},
+                                        "routing": None}]
+  for row in rows:
+    row["seconds"] = time.time() - start
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(row, indent=1))
-  print(f"[{job.name}] {row['seconds']:.0f} s, loss {train_loss}, "
-        + ", ".join(f"{k} {v['score']:.1f}" for k, v in row["evals"].items()),
-        flush=True)
-  return row
+  path.write_text(json.dumps(rows, indent=1))
+  print(f"[{job.name}] {rows[0]['seconds']:.0f} s, loss {train_loss}; "
+        + "; ".join(f"{r['cluster']}: " + ", ".join(
+            f"{k} {v['score']:.1f}" for k, v in r["evals"].items())
+                    for r in rows if r["cluster"]), flush=True)
+  return rows

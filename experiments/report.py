@@ -2,8 +2,11 @@
 
 Files written to `ExperimentConfig.reports_to`:
   table.md        main table (per held-out cluster, model x setting,
-                  mean ± sample std over seeds; paired gains as mean
-                  [95% t-interval over seeds]) and the ablation table
+                  mean ± sample std over seeds, the constant-answer
+                  baseline beside them; paired gains as mean [95%
+                  t-interval over seeds]), the routing table (expert usage
+                  and drop ratio before and after instruction tuning) and
+                  the ablation table
   main.png        the main table as grouped bars with std error bars
   ablations.png   the ablations (one seed)
   results.jsonl   every result row
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +28,13 @@ SETTINGS = {
     "IT zero-shot": ("instruct", "zero_shot"),
     "IT few-shot": ("instruct", "few_shot"),
     "IT then FT": ("instruct_finetune", "zero_shot"),
+    "IT+CoT zero-shot": ("instruct_cot", "zero_shot"),
+    "IT+CoT few-shot": ("instruct_cot", "few_shot"),
 }
+# The constant-answer baseline of each SETTINGS column: its evaluation.
+BASELINE_OF = {column: evaluation
+               for column, (_, evaluation) in SETTINGS.items()}
+LEARNED = "FT - constant"
 # Gain column -> (column, minus column) of SETTINGS, paired by seed.
 GAINS = {
     "IT gain on FT": ("IT then FT", "FT (no IT)"),
@@ -71,9 +80,13 @@ def _cell(values: Sequence[float], digits: int = 1) -> str:
           f"(n={len(values)})")
 
 
-def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str
+def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
+               baseline: Optional[Mapping[str, float]] = None
                ) -> tuple[list[str], dict]:
-  """Markdown lines and {model: {column: [values over seeds]}}."""
+  """Markdown lines and {model: {column: [values over seeds]}}; with
+  `baseline` ({evaluation: constant-answer score}) a first row of the
+  constant answer's scores and a column `LEARNED` (FT minus the constant
+  answer, per seed)."""
   values = {}
   for model in models:
     mine = [r for r in rows if r["model"] == model and not r["ablation"]]
@@ -85,6 +98,9 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str
                for column, (stage, evaluation) in SETTINGS.items()}
     for column, scores in by_seed.items():
       columns[column] = list(scores.values())
+    if baseline is not None:
+      columns[LEARNED] = [s - baseline["zero_shot"]
+                          for s in by_seed["FT (no IT)"].values()]
     for gain, (tuned, plain) in GAINS.items():
       columns[gain] = [by_seed[tuned][s] - by_seed[plain][s]
                        for s in by_seed[tuned] if s in by_seed[plain]]
@@ -92,11 +108,51 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str
   header = ["model", *next(iter(values.values()))]
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
+  if baseline is not None:
+    lines.append("| constant answer | " + " | ".join(
+        f"{baseline[BASELINE_OF[c]]:.1f}" if c in BASELINE_OF else "–"
+        for c in header[1:]) + " |")
   for model, columns in values.items():
-    cells = [_gain_cell(v) if name in GAINS else
+    cells = [_gain_cell(v) if name in GAINS or name == LEARNED else
              _cell(v, 3 if name == "pre-train CE" else 1)
              for name, v in columns.items()]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  return lines, values
+
+
+def routing_table(rows: Sequence[dict], models: Sequence[str],
+                  clusters: Sequence[str]) -> tuple[list[str], dict]:
+  """Markdown lines and {model: {column: [values over seeds]}} of expert
+  usage (%), drop ratio (%) and expert-load CV (std / mean of the tokens
+  per expert) before (untuned) and after instruction tuning,
+  each seed's value the mean over `clusters`; dense models have none."""
+  stages = {"before IT": "untuned", "after IT": "instruct"}
+  values = {}
+  for model in models:
+    mine = [r for r in rows if r["model"] == model and not r["ablation"]
+            and r["cluster"] in clusters and r.get("routing")]
+    if not mine:
+      continue
+    columns = {}
+    for measure, scale in (("usage", 100), ("drop_ratio", 100),
+                           ("load_cv", 1)):
+      for label, stage in stages.items():
+        per_seed = {}
+        for r in mine:
+          if r["stage"] == stage:
+            per_seed.setdefault(r["seed"], []).append(
+                scale * r["routing"][measure])
+        columns[f"{measure} {label}"] = [float(np.mean(v))
+                                         for v in per_seed.values()]
+    values[model] = columns
+  if not values:
+    return [], values
+  header = ["model", *next(iter(values.values()))]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for model, columns in values.items():
+    lines.append(f"| {model} | " + " | ".join(
+        _cell(v, 1) for v in columns.values()) + " |")
   return lines, values
 
 
@@ -130,7 +186,8 @@ def ablation_table(rows: Sequence[dict], base: Callable[[dict], bool],
   return lines, values
 
 
-def _plot_main(values_by_cluster: dict, path: Path) -> None:
+def _plot_main(values_by_cluster: dict, path: Path,
+               baselines: Mapping[str, Mapping[str, float]]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -151,6 +208,9 @@ def _plot_main(values_by_cluster: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
     ax.set_xticklabels(columns, rotation=15)
     ax.axhline(0, color="black", linewidth=0.5)
+    if cluster in baselines:
+      ax.axhline(baselines[cluster]["zero_shot"], color="gray",
+                 linestyle="--", linewidth=1, label="constant answer")
     ax.set_ylabel("exact match (%)")
     ax.set_title(f"held-out cluster: {cluster}")
     ax.legend(fontsize=8)
@@ -163,7 +223,8 @@ def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  clusters = [c for c, v in values_by_cluster.items() if v]
+  clusters = [c for c, v in values_by_cluster.items()
+              if set(v) - {"baseline"}]
   if not clusters:
     return
   fig, axes = plt.subplots(1, len(clusters), squeeze=False,
@@ -190,10 +251,14 @@ def _plot_ablations(values_by_cluster: dict, path: Path) -> None:
 
 def write(config, rows: Sequence[dict],
           wall_seconds: Optional[float] = None,
-          settings: Sequence[str] = ()) -> dict:
+          settings: Sequence[str] = (),
+          baselines: Optional[Mapping[str, Mapping[str, float]]] = None
+          ) -> dict:
   """Writes the report files, with the models' table `settings` (markdown
-  lines, `variants.settings_table`) where given; returns {"main": {cluster:
-  values}, "ablations": {cluster: values}}."""
+  lines, `variants.settings_table`) and the constant-answer `baselines`
+  ({cluster: {evaluation: score}}, `jobs.constant_baselines`) where given;
+  returns {"main": {cluster: values}, "routing": values, "ablations":
+  {cluster: values}}."""
   from experiments.variants import ModelSpec
   out = config.reports_to
   out.mkdir(parents=True, exist_ok=True)
@@ -208,22 +273,36 @@ def write(config, rows: Sequence[dict],
   lines += ["Exact match (%) on the held-out cluster's validation split, "
             f"{config.eval_examples} examples per task; mean ± sample std "
             f"over seeds {list(config.seeds)}; IT gain columns: differences "
-            "paired by seed, mean [95% t-interval]. Untuned: the pre-trained "
-            "model, evaluated as is. Pre-train CE: span-corruption "
-            "cross entropy (nats/token) over the last 10% of steps.", ""]
+            "paired by seed, mean [95% t-interval]; FT - constant: the "
+            "fine-tuned score minus the constant-answer row (the score of "
+            "always giving each task's most common answer), same interval. "
+            "Untuned: the pre-trained model, evaluated as is. Pre-train CE: "
+            "span-corruption cross entropy (nats/token) over the last 10% "
+            "of steps.", ""]
   main, ablations = {}, {}
   for cluster in config.held_out:
-    table, main[cluster] = main_table(rows, models, cluster)
+    table, main[cluster] = main_table(rows, models, cluster,
+                                      (baselines or {}).get(cluster))
     lines += [f"## Held-out cluster: {cluster}", "", *table, ""]
     table, ablations[cluster] = ablation_table(rows, is_base, cluster)
-    if ablations[cluster]:
+    if set(ablations[cluster]) - {"baseline"}:  # some ablation ran
       lines += [f"### Ablations ({base}, seed {config.ablation_seed})", "",
                 *table, ""]
+  table, routing = routing_table(rows, models, config.held_out)
+  if table:
+    lines += ["## Routing before and after instruction tuning", "",
+              "Expert usage (dispatched token-expert pairs / (experts x "
+              "capacity), %), drop ratio (tokens no expert processed, %) "
+              "and load CV (std / mean of the tokens per expert), "
+              "means over sparse layers and held-out clusters, on the "
+              "held-out clusters' validation examples in eval mode; mean ± "
+              "sample std over seeds. Before IT: the pre-trained model.", "",
+              *table, ""]
   if settings:
     lines += ["## Models (FLOP-matched to dense)", "", *settings, ""]
   (out / "table.md").write_text("\n".join(lines))
   (out / "results.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows))
-  _plot_main(main, out / "main.png")
+  _plot_main(main, out / "main.png", baselines or {})
   _plot_ablations(ablations, out / "ablations.png")
-  return {"main": main, "ablations": ablations}
+  return {"main": main, "routing": routing, "ablations": ablations}

@@ -1,11 +1,14 @@
 """The FLAN-MoE experiment driver (experiments/): its plan, FLOP matching,
 and a micro run end to end (a few steps, one seed, dense vs Switch)."""
 
+import collections
 import dataclasses
 import math
 
 import gin
+import numpy as np
 import pytest
+import seqio
 
 from experiments import flan_moe, jobs, plan, report, variants
 from experiments.config import ExperimentConfig
@@ -122,7 +125,8 @@ def test_check_matched_names_an_unintended_difference():
 
 def test_plan_orders_jobs_after_their_checkpoints(tmp_path):
   config = dataclasses.replace(
-      micro_config(tmp_path), seeds=(0, 1), ablate_experts=(8,),
+      micro_config(tmp_path), seeds=(0, 1), flan_cot_rate=0,
+      ablate_experts=(8,),
       ablate_routings=("expert_choice",), ablate_aux_losses=("router_z",),
       ablate_freeze=("router", "experts"), ablate_eval_capacity=(1.0,))
   phases = plan.plan(config)
@@ -157,9 +161,17 @@ def test_micro_run_fills_the_table(tmp_path):
   for model, columns in table.items():
     assert list(columns) == ["pre-train CE", *report.SETTINGS, *report.GAINS]
     for column, values in columns.items():
-      assert len(values) == 1, (model, column)
+      cot = column.startswith("IT+CoT")  # with the FLAN CoT files only
+      assert len(values) == (plan.flan_cot_present() if cot else 1), (
+          model, column)
       assert all(math.isfinite(v) for v in values), (model, column)
   for row in rows:
+    stats = row["routing"]
+    if row["model"] == "dense" or row["stage"] == "pretrain":
+      assert stats is None
+    else:  # the held-out cluster's routing, in eval mode
+      assert 0 < stats["usage"] <= 1 and 0 <= stats["drop_ratio"] <= 1
+      assert stats["load_cv"] >= 0
     for evaluation in row["evals"].values():
       scores = evaluation["tasks"]
       assert scores and not any(t.endswith("/average") for t in scores)
@@ -170,6 +182,69 @@ def test_micro_run_fills_the_table(tmp_path):
   assert (tmp_path / "report" / "main.png").stat().st_size > 0
   # A second invocation reuses every job's result file.
   assert flan_moe.run_experiment(config) == rows
+
+
+def test_held_out_clusters_leave_instruction_tuning_together():
+  tune, instruct = jobs.held_out_mixtures(("rules", "location"))
+  tune_tasks = {t.name for t in seqio.get_mixture_or_task(tune).tasks}
+  instruct_tasks = {t.name for t in seqio.get_mixture_or_task(
+      instruct).tasks}
+  # Fine-tuning trains on what evaluation scores: the zero-shot variants.
+  assert tune_tasks == {t.name for c in ("rules", "location")
+                        for t in seqio.get_mixture_or_task(
+                            f"mini_flan_eval_{c}").tasks}
+  held_out = {t.name for c in ("rules", "location")
+              for t in seqio.get_mixture_or_task(f"mini_flan_{c}").tasks}
+  every = {t.name for t in seqio.get_mixture_or_task("mini_flan").tasks}
+  assert instruct_tasks == every - held_out
+  assert any(n.endswith("_fs") for n in held_out - instruct_tasks)
+  assert jobs.held_out_mixtures(("rules", "location")) == (tune, instruct)
+
+
+def test_constant_baselines_score_the_evaluated_examples(tmp_path):
+  config = dataclasses.replace(micro_config(tmp_path), held_out=("rules",),
+                               eval_examples=16)
+  scores = jobs.constant_baselines(config)["rules"]
+  assert set(scores) == {"zero_shot", "few_shot"}
+  # By hand: the mean over the cluster's tasks of the majority answer's
+  # share of the first 16 validation examples.
+  shares = []
+  for task in seqio.get_mixture_or_task("mini_flan_eval_rules").tasks:
+    rows = list(task.get_dataset(dict(config.instruct_lengths),
+                                 split="validation", shuffle=False)
+                .take(16).as_numpy_iterator())
+    answers = collections.Counter(r["targets_pretokenized"] for r in rows)
+    shares.append(100 * answers.most_common(1)[0][1] / len(rows))
+  assert scores["zero_shot"] == pytest.approx(np.mean(shares))
+
+
+def test_flan_cot_variant_instruction_tunes_on_the_real_files(tmp_path):
+  if not plan.flan_cot_present():
+    pytest.skip("no FLAN CoT files in the data directory "
+                "($MOE_JAX_DATA_DIR/flan_cot)")
+  config = dataclasses.replace(micro_config(tmp_path), routings=("dense",))
+  phases = plan.plan(config)
+  cot = [j for phase in phases for j in phase if j.stage == "instruct_cot"]
+  assert [(j.model.name, j.seed) for j in cot] == [("dense", 0)]
+  models = jobs.resolve_models(config, {cot[0].model})
+  run = jobs.build_run(config, models, cot[0])
+  mixture = seqio.get_mixture_or_task(run.data.mixture_or_task_name)
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  from_files = sum(r for n, r in rates.items() if "flan_cot" in n)
+  assert from_files / sum(rates.values()) == pytest.approx(
+      config.flan_cot_rate)
+  # The CoT tasks read the files: a GSM8K question, over the byte vocabulary.
+  gsm8k = seqio.get_mixture_or_task("mini_flan_flan_cot_gsm8k")
+  example = next(gsm8k.get_dataset(dict(config.instruct_lengths),
+                                   split="train", shuffle=False)
+                 .as_numpy_iterator())
+  assert isinstance(gsm8k.output_features["inputs"].vocabulary,
+                    seqio.ByteVocabulary)
+  assert len(example["targets_pretokenized"]) > 20  # rationale, then answer
+  jobs.run_job(config, models, cot[0].init_from)
+  rows = jobs.run_job(config, models, cot[0])
+  assert [r["cluster"] for r in rows] == list(config.held_out)
+  assert set(rows[0]["evals"]) == {"zero_shot", "few_shot"}
 
 
 def _row(seed, stage, zero_shot, few_shot=None) -> dict:
@@ -199,3 +274,34 @@ def test_gains_are_paired_by_seed_with_t_intervals():
   # The cell is the interval, not the spread of either column.
   mean, low, high = report.paired_interval([2, 3, 1])
   assert f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=3)" in lines[-1]
+  # Beside the constant answer: its row, and FT minus it per seed.
+  lines, values = report.main_table(rows, ["dense"], "c",
+                                    {"zero_shot": 55.0, "few_shot": 40.0})
+  assert values["dense"][report.LEARNED] == [-5, 15, 5]
+  constant = lines[2].strip("| ").split(" | ")
+  header = lines[0].strip("| ").split(" | ")
+  assert constant[0] == "constant answer"
+  assert constant[header.index("FT (no IT)")] == "55.0"
+  assert constant[header.index("IT few-shot")] == "40.0"
+
+
+def test_routing_table_compares_before_and_after_instruction_tuning():
+  def row(seed, stage, cluster, usage):
+    return {"model": "st_moe_e4", "ablation": "", "seed": seed,
+            "stage": stage, "cluster": cluster,
+            "routing": {"usage": usage, "drop_ratio": usage / 10,
+                        "load_cv": usage}}
+  rows = [row(s, stage, c, u) for s in (0, 1) for c, u in (("a", 0.2),
+                                                           ("b", 0.4))
+          for stage in ("untuned", "instruct")]
+  rows.append(row(0, "instruct", "other", 0.9))  # not a held-out cluster
+  rows[1]["routing"] = {"usage": 0.6, "drop_ratio": 0.06, "load_cv": 0.6}
+  lines, values = report.routing_table(rows, ["dense", "st_moe_e4"],
+                                       ("a", "b"))
+  columns = values["st_moe_e4"]
+  assert list(values) == ["st_moe_e4"]  # dense has no routing
+  assert columns["usage before IT"] == pytest.approx([30, 30])
+  assert columns["usage after IT"] == pytest.approx([50, 30])
+  assert columns["drop_ratio after IT"] == pytest.approx([5, 3])
+  assert columns["load_cv after IT"] == pytest.approx([0.5, 0.3])
+  assert lines[2].startswith("| st_moe_e4 | 30.0 ± 0.0 (n=2)")

@@ -52,6 +52,11 @@ class Utilization:
             for name, row in zip(self.names, self.usage)]
 
 
+def utilization_of(report: RoutingReport) -> np.ndarray:
+  """<float64>[R] the expert usage of each sparse layer of `report`."""
+  return np.array([l.expert_usage for l in report.layers], np.float64)
+
+
 def utilization(checkpoint: Checkpoint, batches: Batches) -> Utilization:
   """Routes each of `batches` and reads its per-layer expert usage."""
   reports = {name: route_batch(checkpoint, batch)
@@ -59,8 +64,7 @@ def utilization(checkpoint: Checkpoint, batches: Batches) -> Utilization:
   first = next(iter(reports.values()))
   return Utilization(
       tuple(reports), tuple(first.layer_names()),
-      np.array([[l.expert_usage for l in r.layers]
-                for r in reports.values()], np.float64))
+      np.array([utilization_of(r) for r in reports.values()]))
 
 
 @dataclasses.dataclass(frozen=True)
