@@ -10,7 +10,7 @@ pre-trained with span corruption on generated text, then, with the held-out
 task clusters H of the mini_flan suite (`held_out`):
 
   untuned            the pre-trained model, evaluated zero- and few-shot
-  finetune           fine-tuned on the training tasks of every cluster in H
+  finetune           fine-tuned on the zero-shot tasks of every cluster in H
                      together (no instruction tuning)
   instruct           instruction-tuned on every task outside H
                      (`jobs.held_out_mixtures`), evaluated zero-shot
@@ -20,14 +20,15 @@ task clusters H of the mini_flan suite (`held_out`):
 
 Every stage is scored on each cluster C of H separately: exact match
 (percent) on the validation split, averaged over C's tasks, beside the
-constant-answer baseline of those tasks. Ablations (one seed, `ablation_seed`, around the model
-`ablation_base`): number of experts and routing strategy (whole chain),
-routing-loss type and frozen router / experts during instruction tuning, and
-the capacity factor at evaluation of the instruction-tuned model.
+constant-answer baseline of those tasks. Ablations (one seed,
+`ablation_seed`, around the model `ablation_base`): number of experts and
+routing strategy (whole chain), routing-loss type and frozen router / experts
+during instruction tuning, and the capacity factor at evaluation of the
+instruction-tuned model.
 
 Jobs run in phases (pre-training; fine-tuning and instruction tuning;
-fine-tuning after instruction tuning and evaluation-only jobs), each phase on
-`workers` processes. A job whose result file exists is not run again, so an
+fine-tuning after instruction tuning and evaluation-only jobs), each phase
+on `workers` processes. A job whose result file exists is not run again, so an
 interrupted experiment resumes. Results: OUT_DIR/results/*.json, then the
 table and plots (`experiments.report`) in `report_dir`.
 """

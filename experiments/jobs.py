@@ -8,7 +8,7 @@ example, the final training cross entropy (mean of the last 10% of steps),
 per evaluation ("zero_shot", "few_shot") the mean exact match (percent)
 over the cluster's tasks and each task's score, and for sparse models
 evaluated zero-shot the routing on the cluster's validation examples
-(`routing`: expert usage and drop ratio, means over sparse layers,
+(`routing`: expert usage, drop ratio and load CV, means over sparse layers,
 `moe_jax.inspection.analyses`).
 """
 
@@ -35,7 +35,7 @@ from moe_jax.inspection import analyses, task_batches
 from moe_jax.inspection.checkpoint import Checkpoint
 from moe_jax.inspection.routing_report import route_batch
 from moe_jax.models import build_model
-from moe_jax.train import baseline, checkpoints, eval_averages
+from moe_jax.train import baseline, checkpoints, eval_averages, routing_monitor
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -216,10 +216,10 @@ def routing(config: ExperimentConfig, model, params, cluster: str
       examples_per_task=config.eval_examples,
       task_feature_lengths=config.instruct_lengths))
   report = route_batch(checkpoint, batch)
-  load = report.load_matrix()  # [R, E]
+  load = routing_monitor.load_stats(report.load_matrix())
   return {"usage": float(analyses.utilization_of(report).mean()),
           "drop_ratio": float(analyses.drops(report).drop_ratio.mean()),
-          "load_cv": float(np.mean(load.std(-1) / load.mean(-1)))}
+          "load_cv": float(load.cv.mean())}
 
 
 def constant_baselines(config: ExperimentConfig) -> dict:

@@ -4,8 +4,9 @@ Files written to `ExperimentConfig.reports_to`:
   table.md        main table (per held-out cluster, model x setting,
                   mean ± sample std over seeds, the constant-answer
                   baseline beside them; paired gains as mean [95%
-                  t-interval over seeds]), the routing table (expert usage
-                  and drop ratio before and after instruction tuning) and
+                  t-interval over seeds]), the routing table (expert usage,
+                  drop ratio and load CV before and after instruction
+                  tuning) and
                   the ablation table
   main.png        the main table as grouped bars with std error bars
   ablations.png   the ablations (one seed)
