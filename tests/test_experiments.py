@@ -150,6 +150,8 @@ def test_bad_knobs_fail_at_start(tmp_path):
     dataclasses.replace(config, routings=("dense", "top3"))
   with pytest.raises(ValueError, match="ablate_aux_losses"):
     dataclasses.replace(config, ablate_aux_losses=("l2",))
+  with pytest.raises(ValueError, match="flan_cot_rate"):
+    dataclasses.replace(config, flan_cot_rate=1.0)
 
 
 def test_micro_run_fills_the_table(tmp_path):
