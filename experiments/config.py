@@ -10,6 +10,8 @@ from typing import Mapping, Optional, Sequence
 import gin
 
 from experiments.variants import ModelSpec, SparseSettings
+from moe_jax import knobs
+from moe_jax.train.optimizers import Schedule
 
 PRETRAIN_TASK = "mini_flan_span_corruption"
 # Routing-loss ablation: (aux_loss_factor, router_z_loss_factor).
@@ -35,7 +37,9 @@ class ExperimentConfig:
     batch_size: training examples (packed rows) per step.
     pretrain_steps, instruct_steps, finetune_steps: updates per stage.
     pretrain_learning_rate: peak of the pre-training rsqrt schedule.
-    tune_learning_rate: constant rate of instruction tuning / fine-tuning.
+    tune_learning_rate: peak rate of instruction tuning and fine-tuning.
+    tune_schedule: their `moe_jax.train.optimizers.Schedule` after warmup
+      ("cosine": decays to 0 at the stage's last step).
     warmup_steps: linear warmup of every stage.
     eval_examples: evaluation examples per task.
     flan_cot_rate: share of instruction-tuning examples drawn from the FLAN
@@ -76,6 +80,7 @@ class ExperimentConfig:
   finetune_steps: int = 100
   pretrain_learning_rate: float = 0.01
   tune_learning_rate: float = 0.003
+  tune_schedule: str = "cosine"
   warmup_steps: int = 10
   eval_examples: int = 32
   flan_cot_rate: float = 0.2
@@ -98,6 +103,7 @@ class ExperimentConfig:
       if getattr(self, knob) < 1:
         raise ValueError(f"{knob} must be >= 1; got {knob}="
                          f"{getattr(self, knob)}")
+    knobs.choice(Schedule, "tune_schedule", self.tune_schedule)
     if not 0 <= self.flan_cot_rate < 1:
       raise ValueError("flan_cot_rate must be in [0, 1); got "
                        f"flan_cot_rate={self.flan_cot_rate}")

@@ -14,6 +14,7 @@ evaluated zero-shot the routing on the cluster's validation examples
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -87,24 +88,31 @@ def _with_eval_capacity(model, factor: Optional[float]):
 
 def held_out_mixtures(clusters: Sequence[str]) -> tuple[str, str]:
   """(fine-tuning mixture: the zero-shot tasks of `clusters`, the ones
-  evaluation scores; instruction-tuning mixture: every mini_flan task outside
-  `clusters`), registered on first use from the per-cluster mixtures
-  `tasks.mini_flan` registers."""
-  if len(clusters) == 1:
-    return (f"mini_flan_eval_{clusters[0]}",
-            f"mini_flan_train_without_{clusters[0]}")
+  evaluation scores, each generated task drawn equally often whatever its
+  number of prompt variants (with and without options share its rate);
+  instruction-tuning mixture: every mini_flan task outside `clusters`),
+  registered on first use from the per-cluster mixtures `tasks.mini_flan`
+  registers."""
   suffix = "_".join(clusters)
   names = (f"mini_flan_tune_{suffix}", f"mini_flan_train_without_{suffix}")
-  tune = [t.name for c in clusters
-          for t in seqio.get_mixture_or_task(f"mini_flan_eval_{c}").tasks]
+  scored = [t.name for c in clusters
+            for t in seqio.get_mixture_or_task(f"mini_flan_eval_{c}").tasks]
+  variants = collections.Counter(_task_of(name) for name in scored)
+  tune = [(name, 1 / variants[_task_of(name)]) for name in scored]
   held_out = {t.name for c in clusters
               for t in seqio.get_mixture_or_task(f"mini_flan_{c}").tasks}
-  members = (tune, [t.name for t in seqio.get_mixture_or_task(
-      "mini_flan").tasks if t.name not in held_out])
-  for name, tasks_of in zip(names, members):
+  instruct = [(t.name, 1.0) for t in seqio.get_mixture_or_task(
+      "mini_flan").tasks if t.name not in held_out]
+  for name, members in zip(names, (tune, instruct)):
     if name not in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.add(name, tasks_of, default_rate=1.0)
+      seqio.MixtureRegistry.add(name, members)
   return names
+
+
+def _task_of(zero_shot_task: str) -> str:
+  """The generated task a zero-shot variant's name comes from
+  (`mini_flan.instruction_task_names`)."""
+  return zero_shot_task.removesuffix("_noopt")
 
 
 def flan_cot_mixture(instruct: str, rate: float) -> str:
@@ -154,9 +162,9 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
     else:
       mixture, steps = finetune, config.finetune_steps
     optimizer = OptimizerConfig(
-        learning_rate=config.tune_learning_rate, schedule="constant",
-        warmup_steps=config.warmup_steps, total_steps=steps,
-        freeze=job.freeze)
+        learning_rate=config.tune_learning_rate,
+        schedule=config.tune_schedule, warmup_steps=config.warmup_steps,
+        total_steps=steps, freeze=job.freeze)
   init = (str(_model_dir(config, job.init_from))
           if job.init_from is not None else None)
   return run_lib.Run(

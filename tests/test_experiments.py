@@ -152,6 +152,8 @@ def test_bad_knobs_fail_at_start(tmp_path):
     dataclasses.replace(config, ablate_aux_losses=("l2",))
   with pytest.raises(ValueError, match="flan_cot_rate"):
     dataclasses.replace(config, flan_cot_rate=1.0)
+  with pytest.raises(ValueError, match="tune_schedule"):
+    dataclasses.replace(config, tune_schedule="linear")
 
 
 def test_micro_run_fills_the_table(tmp_path):
@@ -200,6 +202,14 @@ def test_held_out_clusters_leave_instruction_tuning_together():
   every = {t.name for t in seqio.get_mixture_or_task("mini_flan").tasks}
   assert instruct_tasks == every - held_out
   assert any(n.endswith("_fs") for n in held_out - instruct_tasks)
+  # Each generated task is drawn equally often; its prompt variants (with
+  # and without options) share its rate.
+  mixture = seqio.get_mixture_or_task(jobs.held_out_mixtures(
+      ("word_count", "location"))[0])
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
+      "mini_flan_count_words_zs": 1.0,
+      "mini_flan_location_entailment_zs": 0.5,
+      "mini_flan_location_entailment_zs_noopt": 0.5}
   assert jobs.held_out_mixtures(("rules", "location")) == (tune, instruct)
 
 
