@@ -121,21 +121,22 @@ def flan_cot_mixture(instruct: str, rate: float) -> str:
   zero-shot, with options), registered on first use. The CoT tasks are
   re-registered over mini_flan's byte vocabulary (a mixture holds one
   vocabulary); their targets are the rationale, then the answer."""
-  name = f"{instruct}_flan_cot"
+  name = f"{instruct}_flan_cot_{rate:g}"
   if name in seqio.MixtureRegistry.names():
     return name
-  features = mini_flan.output_features()
-  cot = []
-  for dataset in flan2022_sources.COT_DATASETS:
-    task = seqio.get_mixture_or_task(
-        flan2022.task_name("cot", dataset, "zs_opt"))
-    cot.append(f"mini_flan_flan_cot_{dataset}")
-    seqio.TaskRegistry.add(cot[-1], source=task.source,
-                           preprocessors=task.preprocessors,
-                           output_features=features)
-  seqio.MixtureRegistry.add(f"{name}_only", cot, default_rate=1.0)
-  seqio.MixtureRegistry.add(name, [(instruct, 1 - rate),
-                                   (f"{name}_only", rate)])
+  cot_only = "mini_flan_flan_cot"
+  if cot_only not in seqio.MixtureRegistry.names():
+    features = mini_flan.output_features()
+    cot = []
+    for dataset in flan2022_sources.COT_DATASETS:
+      task = seqio.get_mixture_or_task(
+          flan2022.task_name("cot", dataset, "zs_opt"))
+      cot.append(f"{cot_only}_{dataset}")
+      seqio.TaskRegistry.add(cot[-1], source=task.source,
+                             preprocessors=task.preprocessors,
+                             output_features=features)
+    seqio.MixtureRegistry.add(cot_only, cot, default_rate=1.0)
+  seqio.MixtureRegistry.add(name, [(instruct, 1 - rate), (cot_only, rate)])
   return name
 
 
@@ -178,13 +179,20 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
       optimizer=optimizer, loss=loss)
 
 
-def _evaluations(config: ExperimentConfig, job: Job, cluster: str) -> dict:
-  """name -> (mixture, feature lengths) that `job` is scored on in
-  `cluster`."""
+def _scores_few_shot(job: Job) -> bool:
+  """Whether `job` is scored few-shot too: the models that were not
+  fine-tuned on the cluster."""
+  return job.stage in ("untuned", "instruct_cot") or (
+      job.stage == "instruct" and job.train)
+
+
+def _evaluations(config: ExperimentConfig, cluster: str, few_shot: bool
+                 ) -> dict:
+  """name -> (mixture, feature lengths) of `cluster`'s zero-shot
+  evaluation, and its few-shot one where `few_shot`."""
   lengths = dict(config.instruct_lengths)
   evals = {"zero_shot": (f"mini_flan_eval_{cluster}", lengths)}
-  if job.stage in ("untuned", "instruct_cot") or (
-      job.stage == "instruct" and job.train):
+  if few_shot:
     evals["few_shot"] = (f"mini_flan_eval_fs_{cluster}",
                          {**lengths, "inputs": config.few_shot_input_length})
   return evals
@@ -196,7 +204,8 @@ def evaluate(config: ExperimentConfig, model, job: Job, params,
   counting once, `eval_averages`), "tasks": {task: exact match}}} of
   `cluster`."""
   out = {}
-  for name, (mixture, lengths) in _evaluations(config, job, cluster).items():
+  evaluations = _evaluations(config, cluster, _scores_few_shot(job))
+  for name, (mixture, lengths) in evaluations.items():
     evaluator = Evaluator(
         EvalConfig(mixture, task_feature_lengths=lengths,
                    batch_size=EVAL_BATCH, num_examples=config.eval_examples),
@@ -234,11 +243,10 @@ def constant_baselines(config: ExperimentConfig) -> dict:
   """{cluster: {eval name: the constant-answer baseline's average exact
   match}} on the examples `evaluate` scores (`moe_jax.train.baseline`)."""
   out = {}
-  job = Job(ModelSpec(variants.DENSE), 0, "untuned", train=False)
   for cluster in config.held_out:
     out[cluster] = {}
-    for name, (mixture, lengths) in _evaluations(config, job,
-                                                 cluster).items():
+    for name, (mixture, lengths) in _evaluations(config, cluster,
+                                                 True).items():
       scores = baseline.constant_answer_scores(
           mixture, "validation", lengths, config.eval_examples)
       out[cluster][name] = scores[f"{mixture}/{eval_averages.AVERAGE}"][

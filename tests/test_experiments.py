@@ -241,10 +241,18 @@ def test_flan_cot_variant_instruction_tunes_on_the_real_files(tmp_path):
   models = jobs.resolve_models(config, {cot[0].model})
   run = jobs.build_run(config, models, cot[0])
   mixture = seqio.get_mixture_or_task(run.data.mixture_or_task_name)
-  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
-  from_files = sum(r for n, r in rates.items() if "flan_cot" in n)
-  assert from_files / sum(rates.values()) == pytest.approx(
-      config.flan_cot_rate)
+
+  def share(mixture):
+    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+    from_files = sum(r for n, r in rates.items() if "flan_cot" in n)
+    return from_files / sum(rates.values())
+
+  assert share(mixture) == pytest.approx(config.flan_cot_rate)
+  # Another rate is another mixture over the same CoT tasks.
+  other = jobs.flan_cot_mixture(jobs.held_out_mixtures(config.held_out)[1],
+                                0.5)
+  assert other != mixture.name
+  assert share(seqio.get_mixture_or_task(other)) == pytest.approx(0.5)
   # The CoT tasks read the files: a GSM8K question, over the byte vocabulary.
   gsm8k = seqio.get_mixture_or_task("mini_flan_flan_cot_gsm8k")
   example = next(gsm8k.get_dataset(dict(config.instruct_lengths),
