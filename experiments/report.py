@@ -81,6 +81,10 @@ def _cell(values: Sequence[float], digits: int = 1) -> str:
           f"(n={len(values)})")
 
 
+def _markdown_header(names: Sequence[str]) -> list[str]:
+  return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
                baseline: Optional[Mapping[str, float]] = None
                ) -> tuple[list[str], dict]:
@@ -107,8 +111,7 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
                        for s in by_seed[tuned] if s in by_seed[plain]]
     values[model] = columns
   header = ["model", *next(iter(values.values()))]
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
+  lines = _markdown_header(header)
   if baseline is not None:
     lines.append("| constant answer | " + " | ".join(
         f"{baseline[BASELINE_OF[c]]:.1f}" if c in BASELINE_OF else "–"
@@ -149,8 +152,7 @@ def routing_table(rows: Sequence[dict], models: Sequence[str],
   if not values:
     return [], values
   header = ["model", *next(iter(values.values()))]
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
+  lines = _markdown_header(header)
   for model, columns in values.items():
     lines.append(f"| {model} | " + " | ".join(
         _cell(v, 1) for v in columns.values()) + " |")
@@ -179,8 +181,7 @@ def ablation_table(rows: Sequence[dict], base: Callable[[dict], bool],
     if entry:
       values[label] = entry
   columns = [c for c in SETTINGS if any(c in v for v in values.values())]
-  lines = ["| ablation | " + " | ".join(columns) + " |",
-           "|" + "---|" * (len(columns) + 1)]
+  lines = _markdown_header(["ablation", *columns])
   for label, entry in values.items():
     lines.append(f"| {label} | " + " | ".join(
         f"{entry[c]:.1f}" if c in entry else "–" for c in columns) + " |")
