@@ -1,7 +1,9 @@
 """The experiment's report: tables (markdown) and plots (PNG) from result rows.
 
 Files written to `ExperimentConfig.reports_to`:
-  table.md        main table (per held-out cluster, model x setting,
+  table.md        the headline differences averaged over the held-out
+                  clusters (with baselines), the
+                  main table (per held-out cluster, model x setting,
                   mean ± sample std over seeds, the constant-answer
                   baseline beside them; paired gains as mean [95%
                   t-interval over seeds]), the routing table (expert usage,
@@ -121,6 +123,40 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
              _cell(v, 3 if name == "pre-train CE" else 1)
              for name, v in columns.items()]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  return lines, values
+
+
+def overall_table(rows: Sequence[dict], models: Sequence[str],
+                  clusters: Sequence[str],
+                  baselines: Mapping[str, Mapping[str, float]]
+                  ) -> tuple[list[str], dict]:
+  """Markdown lines and {model: {column: [values over seeds]}} of the
+  headline numbers: per seed, the mean over `clusters` of FT minus the
+  constant answer (`LEARNED`), of IT then FT minus the constant answer, and
+  of each `GAINS` difference; a seed counts where every cluster has both
+  terms. Cells: mean [95% t-interval over seeds]."""
+  minus = {LEARNED: ("FT (no IT)", None),
+           "IT then FT - constant": ("IT then FT", None), **GAINS}
+  values = {}
+  for model in models:
+    mine = [r for r in rows if r["model"] == model and not r["ablation"]]
+    columns = {}
+    for column, (first, second) in minus.items():
+      per_cluster = []
+      for cluster in clusters:
+        at = [r for r in mine if r["cluster"] == cluster]
+        a = _score(at, *SETTINGS[first])
+        b = (_score(at, *SETTINGS[second]) if second else
+             dict.fromkeys(a, baselines[cluster][BASELINE_OF[first]]))
+        per_cluster.append({s: a[s] - b[s] for s in a if s in b})
+      seeds = sorted(set.intersection(*(set(d) for d in per_cluster)))
+      columns[column] = [float(np.mean([d[s] for d in per_cluster]))
+                         for s in seeds]
+    values[model] = columns
+  lines = _markdown_header(["model", *minus])
+  for model, columns in values.items():
+    lines.append(f"| {model} | " + " | ".join(
+        _gain_cell(v) for v in columns.values()) + " |")
   return lines, values
 
 
@@ -259,8 +295,8 @@ def write(config, rows: Sequence[dict],
   """Writes the report files, with the models' table `settings` (markdown
   lines, `variants.settings_table`) and the constant-answer `baselines`
   ({cluster: {evaluation: score}}, `jobs.constant_baselines`) where given;
-  returns {"main": {cluster: values}, "routing": values, "ablations":
-  {cluster: values}}."""
+  returns {"main": {cluster: values}, "overall": values (with
+  `baselines`), "routing": values, "ablations": {cluster: values}}."""
   from experiments.variants import ModelSpec
   out = config.reports_to
   out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +317,13 @@ def write(config, rows: Sequence[dict],
             "Untuned: the pre-trained model, evaluated as is. Pre-train CE: "
             "span-corruption cross entropy (nats/token) over the last 10% "
             "of steps.", ""]
-  main, ablations = {}, {}
+  main, ablations, overall = {}, {}, {}
+  if baselines:
+    table, overall = overall_table(rows, models, config.held_out, baselines)
+    lines += ["## Mean over the held-out clusters", "",
+              "Per seed, the mean over the clusters "
+              f"{list(config.held_out)} of each difference; mean [95% "
+              "t-interval over seeds] (n seeds).", "", *table, ""]
   for cluster in config.held_out:
     table, main[cluster] = main_table(rows, models, cluster,
                                       (baselines or {}).get(cluster))
@@ -307,4 +349,5 @@ def write(config, rows: Sequence[dict],
       "".join(json.dumps(r) + "\n" for r in rows))
   _plot_main(main, out / "main.png", baselines or {})
   _plot_ablations(ablations, out / "ablations.png")
-  return {"main": main, "routing": routing, "ablations": ablations}
+  return {"main": main, "overall": overall, "routing": routing,
+          "ablations": ablations}

@@ -305,6 +305,31 @@ def test_gains_are_paired_by_seed_with_t_intervals():
   assert constant[header.index("IT few-shot")] == "40.0"
 
 
+def test_overall_table_averages_clusters_per_seed_then_seeds():
+  def at(cluster, row):
+    return {**row, "cluster": cluster}
+  rows = [at("c", _row(0, "finetune", 50)), at("c", _row(1, "finetune", 70)),
+          at("d", _row(0, "finetune", 30)), at("d", _row(1, "finetune", 20)),
+          at("c", _row(0, "instruct_finetune", 60)),
+          at("d", _row(0, "instruct_finetune", 40)),
+          at("d", _row(1, "instruct_finetune", 10)),  # seed 1 lacks c
+          at("c", _row(0, "untuned", 0)), at("d", _row(0, "untuned", 0)),
+          at("c", _row(0, "instruct", 5)), at("d", _row(0, "instruct", 7))]
+  baselines = {"c": {"zero_shot": 40.0}, "d": {"zero_shot": 10.0}}
+  lines, values = report.overall_table(rows, ["dense"], ("c", "d"),
+                                       baselines)
+  columns = values["dense"]
+  # seed 0: (50 - 40 + 30 - 10) / 2; seed 1: (70 - 40 + 20 - 10) / 2.
+  assert columns[report.LEARNED] == [15, 20]
+  assert columns["IT then FT - constant"] == [25]  # seed 0 only
+  assert columns["IT gain on FT"] == [10]
+  assert columns["IT gain zero-shot"] == [6]
+  assert columns["IT gain few-shot"] == []
+  mean, low, high = report.paired_interval([15, 20])
+  assert lines[2].startswith(
+      f"| dense | {mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=2) |")
+
+
 def test_routing_table_compares_before_and_after_instruction_tuning():
   def row(seed, stage, cluster, usage):
     return {"model": "st_moe_e4", "ablation": "", "seed": seed,
