@@ -159,11 +159,13 @@ def test_bad_knobs_fail_at_start(tmp_path):
 def test_micro_run_fills_the_table(tmp_path):
   config = micro_config(tmp_path)
   rows = flan_moe.run_experiment(config)
-  summary = report.write(config, rows)
+  summary = report.write(config, rows,
+                         baselines=jobs.constant_baselines(config))
   table = summary["main"]["classification"]
   assert list(table) == ["dense", "switch_top1_e4"]
   for model, columns in table.items():
-    assert list(columns) == ["pre-train CE", *report.SETTINGS, *report.GAINS]
+    assert list(columns) == ["pre-train CE", *report.SETTINGS,
+                             report.LEARNED, *report.GAINS]
     for column, values in columns.items():
       cot = column.startswith("IT+CoT")  # with the FLAN CoT files only
       assert len(values) == (plan.flan_cot_present() if cot else 1), (
@@ -181,8 +183,11 @@ def test_micro_run_fills_the_table(tmp_path):
       assert scores and not any(t.endswith("/average") for t in scores)
       assert min(scores.values()) <= evaluation["score"] <= max(
           scores.values())  # a mean over the tasks, not over an average
+  for model, columns in summary["overall"].items():
+    assert len(columns[report.LEARNED]) == 1, model  # one seed
   text = (tmp_path / "report" / "table.md").read_text()
   assert "| dense |" in text and "| switch_top1_e4 |" in text
+  assert "## Mean over the held-out clusters" in text
   assert (tmp_path / "report" / "main.png").stat().st_size > 0
   # A second invocation reuses every job's result file.
   assert flan_moe.run_experiment(config) == rows
