@@ -52,6 +52,17 @@ def _score(rows: Sequence[dict], stage: str, evaluation: str) -> dict:
           if r["stage"] == stage and evaluation in r["evals"]}
 
 
+def _difference(rows: Sequence[dict], first: str, second: Optional[str],
+                baseline: Optional[Mapping[str, float]] = None) -> dict:
+  """seed -> the score of SETTINGS column `first` minus that of `second`
+  (None: minus `baseline`, {evaluation: constant-answer score}), for the
+  seeds that have both."""
+  a = _score(rows, *SETTINGS[first])
+  b = (_score(rows, *SETTINGS[second]) if second is not None else
+       dict.fromkeys(a, baseline[BASELINE_OF[first]]))
+  return {seed: a[seed] - b[seed] for seed in a if seed in b}
+
+
 def paired_interval(differences: Sequence[float], level: float = 0.95
                     ) -> tuple[float, float, float]:
   """(mean, low, high): the mean of per-seed differences and its two-sided
@@ -106,11 +117,10 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
     for column, scores in by_seed.items():
       columns[column] = list(scores.values())
     if baseline is not None:
-      columns[LEARNED] = [s - baseline["zero_shot"]
-                          for s in by_seed["FT (no IT)"].values()]
+      columns[LEARNED] = list(_difference(mine, "FT (no IT)", None,
+                                          baseline).values())
     for gain, (tuned, plain) in GAINS.items():
-      columns[gain] = [by_seed[tuned][s] - by_seed[plain][s]
-                       for s in by_seed[tuned] if s in by_seed[plain]]
+      columns[gain] = list(_difference(mine, tuned, plain).values())
     values[model] = columns
   header = ["model", *next(iter(values.values()))]
   lines = _markdown_header(header)
@@ -144,11 +154,9 @@ def overall_table(rows: Sequence[dict], models: Sequence[str],
     for column, (first, second) in minus.items():
       per_cluster = []
       for cluster in clusters:
-        at = [r for r in mine if r["cluster"] == cluster]
-        a = _score(at, *SETTINGS[first])
-        b = (_score(at, *SETTINGS[second]) if second else
-             dict.fromkeys(a, baselines[cluster][BASELINE_OF[first]]))
-        per_cluster.append({s: a[s] - b[s] for s in a if s in b})
+        per_cluster.append(_difference(
+            [r for r in mine if r["cluster"] == cluster], first, second,
+            baselines[cluster]))
       seeds = sorted(set.intersection(*(set(d) for d in per_cluster)))
       columns[column] = [float(np.mean([d[s] for d in per_cluster]))
                          for s in seeds]
