@@ -10,11 +10,13 @@ each smaller one, then one masked chunk of the smallest for the rest. That
 chunk may reach into the next group's rows; those rows are masked out (kept
 as they were in the output, zero in the weight gradient). The work is that
 of the rows plus at most 7 masked rows per group (by default), never E
-times it. The backward pass walks the same chunks: the input gradient
-against transposed matrices, the weight gradient as a running
-<[I, H]> @ <[H, O]> sum per expert, written to its slot once. Nothing of
-size M is kept besides the operands; results are exact up to float
-summation order.
+times it. The backward pass walks the same chunks for the input gradient,
+against transposed matrices. The weight gradient takes the first C rows of
+every group (C the largest height) as one batched <[E, C, I]>^T <[E, C, O]>
+dot, which writes every expert's <[I, O]> slot at once (no zero-filled
+<[E, I, O]> buffer), and adds the rest of each group chunk by chunk, in
+place. Nothing of size M is kept besides the operands; results are exact
+up to float summation order.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
 
 
 Carry = Any  # a pytree of arrays
-ChunkFn = Callable[[Array, Array, Carry], Carry]
+ChunkFn = Callable[[Array, Array, Array, Carry], Carry]
 
 
 def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
@@ -89,11 +91,11 @@ def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
   for what is left: at most H - 1 masked rows per group, H the last height
   (with halving heights, at most one chunk of each after the first, so a
   group costs few dots and few wasted rows). For expert e,
-  per_expert(e, carry) gives the carry of its first chunk; chunk(at, valid,
-  carry) sees a chunk of H rows as rows [at, at + H) of the M rows, `valid`
-  <bool>[H] marking those of group e (a chunk past row M - H is moved back
-  to end at M and its leading rows masked). Returns the carry after the
-  last group.
+  per_expert(e, carry) gives the carry of its first chunk; chunk(e, at,
+  valid, carry) sees a chunk of H rows as rows [at, at + H) of the M rows,
+  `valid` <bool>[H] marking those of group e (a chunk past row M - H is
+  moved back to end at M and its leading rows masked). Returns the carry
+  after the last group.
   """
 
   def expert(e, carry):
@@ -107,7 +109,7 @@ def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
         first = begin + j * height
         at = jnp.minimum(first, num_rows - height)
         row = at + jnp.arange(height)
-        return chunk(at, (row >= first) & (row < end), carry)
+        return chunk(e, at, (row >= first) & (row < end), carry)
 
       carry = jax.lax.fori_loop(0, count, step, carry)
       begin = begin + count * height
@@ -127,7 +129,8 @@ def _rows_times(x: Array, rhs: Array, where: Groups, heights: tuple[int, ...],
   contract = 1 if transpose_rhs else 0
   num_rows = x.shape[0]
 
-  def chunk(at, valid, carry):
+  def chunk(e, at, valid, carry):
+    del e  # the matrix is in the carry
     out, matrix = carry
     height = valid.shape[0]
     product = jax.lax.dot_general(
@@ -144,34 +147,42 @@ def _rows_times(x: Array, rhs: Array, where: Groups, heights: tuple[int, ...],
   return out
 
 
+def _group_heads(a: Array, where: Groups, head: int) -> Array:
+  """<[M, W]> -> <[E, C, W]>: the first C = `head` rows of every group,
+  zero past the group's end (C <= M)."""
+  row = jnp.arange(head)
+  index = jnp.minimum(where.start[:, None] + row, a.shape[0] - 1)  # [E, C]
+  return jnp.where((row < where.size[:, None])[..., None],
+                   jnp.take(a, index, axis=0), 0)
+
+
 def _weight_grad(x: Array, grad: Array, where: Groups,
                  heights: tuple[int, ...]) -> Array:
-  """<[E, I, O]>: sum over group e's rows m of x[m]^T grad[m]."""
-  num_groups, num_rows = where.size.shape[0], x.shape[0]
-  total = _zeros((num_groups, x.shape[1], grad.shape[1]), x, grad)
-  zero = _zeros(total.shape[1:], x, grad)
+  """<[E, I, O]>: sum over group e's rows m of x[m]^T grad[m].
 
-  def chunk(at, valid, carry):
-    total, running = carry
+  The first C = heights[0] rows of every group (x and grad gathered into
+  <[E, C, I]> and <[E, C, O]>) go through one batched dot, which also
+  writes every expert's slot; the rest of each group is walked in chunks
+  and added to its slot in place.
+  """
+  head = heights[0]
+  total = jnp.einsum("ecp,ecq->epq", _group_heads(x, where, head),
+                     _group_heads(grad, where, head),
+                     preferred_element_type=jnp.result_type(x, grad))
+  used = jnp.minimum(where.size, head)
+
+  def chunk(e, at, valid, total):
     height = valid.shape[0]
     part = jnp.where(valid[:, None],
                      jax.lax.dynamic_slice_in_dim(x, at, height), 0)
-    running = running + jax.lax.dot_general(
+    update = jax.lax.dot_general(
         part, jax.lax.dynamic_slice_in_dim(grad, at, height),
-        (((0,), (0,)), ((), ())), preferred_element_type=running.dtype)
-    return total, running
+        (((0,), (0,)), ((), ())), preferred_element_type=total.dtype)
+    return jax.lax.dynamic_update_index_in_dim(total, total[e] + update, e,
+                                               0)
 
-  def per_expert(e, carry):
-    total, running = carry
-    # Expert e - 1 is done: its sum goes to its slot (e = 0: slot E - 1,
-    # overwritten at the end).
-    return (jax.lax.dynamic_update_index_in_dim(
-        total, running, (e - 1) % num_groups, 0), zero)
-
-  total, running = _over_chunks(where, heights, num_rows, chunk, per_expert,
-                                (total, zero))
-  return jax.lax.dynamic_update_index_in_dim(total, running, num_groups - 1,
-                                             0)
+  return _over_chunks(Groups(where.start + used, where.size - used), heights,
+                      x.shape[0], chunk, lambda e, total: total, total)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
