@@ -76,17 +76,19 @@ def test_equals_ragged_dot_forward_and_gradients(choice, case):
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, ROWS])
+@pytest.mark.parametrize("heights", [(1,), (3,), (4,), (ROWS,), (8, 2),
+                                     (4, 3, 1), (ROWS, 5, 5, 2)])
 @pytest.mark.parametrize("case", ["seed0", "seed3", *SIZES])
-def test_blocked_equals_ragged_dot_for_any_chunk_height(rows, case):
-  # Chunks that end inside the next group, and (rows 3, 4) a last chunk
-  # moved back to end at row M, must come out the same as ragged_dot.
+def test_blocked_equals_ragged_dot_for_any_chunk_heights(heights, case):
+  # Chunks that end inside the next group, a group cut into chunks of
+  # several heights, and (heights 3, 4) a last chunk moved back to end at
+  # row M must come out the same as ragged_dot.
   rng = np.random.default_rng(7)
   lhs = jnp.asarray(rng.normal(size=(ROWS, 6)), jnp.float32)
   rhs = jnp.asarray(rng.normal(size=(GROUPS, 6, 4)), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=(ROWS, 4)), jnp.float32)
   sizes = sizes_case(case)
-  matmul = functools.partial(blocked.grouped_matmul, rows=rows)
+  matmul = functools.partial(blocked.grouped_matmul, heights=heights)
   got = value_and_grads(lhs, rhs, sizes, cotangent, matmul=matmul)
   want = value_and_grads(lhs, rhs, sizes, cotangent,
                          matmul=jax.lax.ragged_dot)
@@ -94,11 +96,11 @@ def test_blocked_equals_ragged_dot_for_any_chunk_height(rows, case):
                                  atol=1e-5), got, want)
 
 
-@pytest.mark.parametrize("rows", [0, ROWS + 1])
-def test_blocked_rejects_a_chunk_height_outside_the_rows(rows):
-  with pytest.raises(ValueError, match=f"rows={rows}"):
+@pytest.mark.parametrize("heights", [(0,), (ROWS + 1,), (), (2, 4)])
+def test_blocked_rejects_chunk_heights_outside_the_rows_or_unsorted(heights):
+  with pytest.raises(ValueError, match="heights="):
     blocked.grouped_matmul(jnp.ones((ROWS, 2)), jnp.ones((GROUPS, 2, 3)),
-                           jnp.zeros((GROUPS,), jnp.int32), rows=rows)
+                           jnp.zeros((GROUPS,), jnp.int32), heights=heights)
 
 
 def test_blocked_with_no_rows():
@@ -173,3 +175,16 @@ def test_tokamax_kernel_is_the_one_called():
   tokamax = pytest.importorskip("tokamax")
   kernel = importlib.import_module("moe_jax.moe.kernels.tokamax")
   assert kernel.tokamax is tokamax
+
+
+@pytest.mark.parametrize("num_rows,num_groups,want", [
+    (2048, 64, (32, 16, 8)),            # mean 32
+    (4096, 64, (64, 32, 16, 8)),        # mean 64
+    (2048, 8, (128, 64, 32, 16, 8)),    # mean 256: the largest is capped
+    (100, 64, (16, 8)),                 # mean 1: the largest is raised
+    (13, 5, (8,)),                      # no chunk above M
+    (5, 2, (5,)),                       # M below every height
+])
+def test_blocked_chunk_heights_halve_from_the_mean_group(num_rows, num_groups,
+                                                         want):
+  assert blocked.chunk_heights(num_rows, num_groups) == want

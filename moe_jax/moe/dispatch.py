@@ -253,8 +253,15 @@ def permute(x: Array, expert_index: Array,
 def unpermute_and_combine(out_sorted: Array, order: Array,
                           gates: Array) -> Array:
   """The inverse of `permute`: rows <[M, D]> back to (token, choice) order,
-  each token's K results summed by gates <[G, S, K]> -> <[G, S, D]>."""
-  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+  each token's K results summed by gates <[G, S, K]> -> <[G, S, D]>.
+
+  The rows are gathered by the inverse permutation (<int32>[M], built by
+  scattering integers), not scattered: a float scatter's JVP carries an
+  integer <[M, D]> copy of its indices, a gather's does not, and its
+  transpose is one scatter-add."""
+  inverse = jnp.zeros_like(order).at[order].set(
+      jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+  out = jnp.take(out_sorted, inverse, axis=0)
   out = out.reshape(*gates.shape, out_sorted.shape[-1])
   return jnp.einsum("gsk,gskd->gsd", gates.astype(out.dtype), out)
 

@@ -1,17 +1,22 @@
 """A blocked grouped matmul for CPUs (see `moe_jax.moe.grouped_matmul`).
 
 Each group's rows are contiguous in the sorted input, so a loop over the
-experts slices its expert's matrix once and then walks the group in chunks
-of B rows, reading each chunk straight from the sorted rows (no copy into
-padded block buffers): one plain <[B, I]> @ <[I, O]> dot per chunk. A
-group's last chunk may reach into the next group's rows; those rows are
-masked out (kept as they were in the output, zero in the weight gradient).
-The work is that of the rows plus at most B - 1 masked rows per group, never
-E times it. The backward pass walks the same chunks: the input gradient
-against transposed matrices, the weight gradient as a running
-<[I, B]> @ <[B, O]> sum per expert, written to its slot once. Nothing of
-size M is kept besides the operands; results are exact up to float
-summation order.
+experts slices its expert's matrix once and then walks the group in chunks,
+reading each chunk straight from the sorted rows (no copy into padded block
+buffers): one plain <[H, I]> @ <[I, O]> dot per chunk of H rows. A group is
+cut into chunks of a few heights (by default powers of two, from about the
+mean group size down to 8): whole chunks of the largest that fit, then of
+each smaller one, then one masked chunk of the smallest for the rest. That
+chunk may reach into the next group's rows; those rows are masked out (kept
+as they were in the output, zero in the weight gradient). The work is that
+of the rows plus at most 7 masked rows per group (by default), never E
+times it. The backward pass walks the same chunks for the input gradient,
+against transposed matrices. The weight gradient takes the first C rows of
+every group (C the largest height) as one batched <[E, C, I]>^T <[E, C, O]>
+dot, which writes every expert's <[I, O]> slot at once (no zero-filled
+<[E, I, O]> buffer), and adds the rest of each group chunk by chunk, in
+place. Nothing of size M is kept besides the operands; results are exact
+up to float summation order.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from moe_jax.moe.grouped_matmul import sum_to_vary_like
 
 Array = jax.Array
 
-MAX_BLOCK_ROWS = 128
-MIN_BLOCK_ROWS = 16
+# Bounds on the largest default chunk height, and the smallest height.
+LARGEST_HEIGHT_BOUNDS = (16, 128)
+SMALLEST_HEIGHT = 8
 
 
 class Groups(NamedTuple):
@@ -40,12 +46,20 @@ class Groups(NamedTuple):
   size: Array
 
 
-def block_rows(num_rows: int, num_groups: int) -> int:
-  """B: the largest power of two <= the mean group size, in [16, 128],
-  and at most M = `num_rows` (a chunk must fit inside the rows)."""
+def chunk_heights(num_rows: int, num_groups: int) -> tuple[int, ...]:
+  """The default chunk heights: the powers of two from the largest <= the
+  mean group size (clipped to `LARGEST_HEIGHT_BOUNDS`) down to
+  `SMALLEST_HEIGHT`, none above M = `num_rows` (a chunk must fit inside the
+  rows); (M,) if M is below them all."""
   mean = max(num_rows // num_groups, 1)
-  rows = 1 << (mean.bit_length() - 1)
-  return min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS, num_rows)
+  low, high = LARGEST_HEIGHT_BOUNDS
+  height = min(max(1 << (mean.bit_length() - 1), low), high)
+  heights = []
+  while height >= SMALLEST_HEIGHT:
+    if height <= num_rows:
+      heights.append(height)
+    height //= 2
+  return tuple(heights) or (num_rows,)
 
 
 def groups(group_sizes: Array) -> Groups:
@@ -63,37 +77,48 @@ def _zeros(shape: tuple[int, ...], *like: Array) -> Array:
 
 
 Carry = Any  # a pytree of arrays
-ChunkFn = Callable[[Array, Array, Carry], Carry]
+ChunkFn = Callable[[Array, Array, Array, Carry], Carry]
 
 
-def _over_chunks(where: Groups, rows: int, num_rows: int, chunk: ChunkFn,
-                 per_expert: Callable[[Array, Carry], Carry],
+def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
+                 chunk: ChunkFn, per_expert: Callable[[Array, Carry], Carry],
                  init: Carry) -> Carry:
-  """Folds `chunk` over every group's chunks of B = `rows` sorted rows.
+  """Folds `chunk` over every group's chunks of the sorted rows.
 
-  For expert e, per_expert(e, carry) gives the carry of its first chunk;
-  chunk(at, valid, carry) sees the chunk as rows [at, at + B) of the M =
-  `num_rows` rows, `valid` <bool>[B] marking those of group e (a chunk
-  past row M - B is moved back to end at M and its leading rows masked).
-  Returns the carry after the last group.
+  Each group is cut into chunks of the `heights` in turn (descending, each
+  in [1, M] for M = `num_rows`): as many whole chunks of each height as the
+  group's remaining rows fill, then one chunk of the last height, masked,
+  for what is left: at most H - 1 masked rows per group, H the last height
+  (with halving heights, at most one chunk of each after the first, so a
+  group costs few dots and few wasted rows). For expert e,
+  per_expert(e, carry) gives the carry of its first chunk; chunk(e, at,
+  valid, carry) sees a chunk of H rows as rows [at, at + H) of the M rows,
+  `valid` <bool>[H] marking those of group e (a chunk past row M - H is
+  moved back to end at M and its leading rows masked). Returns the carry
+  after the last group.
   """
 
   def expert(e, carry):
-    first, end = where.start[e], where.start[e] + where.size[e]
+    begin, end = where.start[e], where.start[e] + where.size[e]
+    carry = per_expert(e, carry)
+    for index, height in enumerate(heights):
+      last = index == len(heights) - 1
+      count = (end - begin + (height - 1 if last else 0)) // height
 
-    def step(j, carry):
-      begin = first + j * rows
-      at = jnp.minimum(begin, num_rows - rows)
-      row = at + jnp.arange(rows)
-      return chunk(at, (row >= begin) & (row < end), carry)
+      def step(j, carry, begin=begin, height=height):
+        first = begin + j * height
+        at = jnp.minimum(first, num_rows - height)
+        row = at + jnp.arange(height)
+        return chunk(e, at, (row >= first) & (row < end), carry)
 
-    count = (where.size[e] + rows - 1) // rows
-    return jax.lax.fori_loop(0, count, step, per_expert(e, carry))
+      carry = jax.lax.fori_loop(0, count, step, carry)
+      begin = begin + count * height
+    return carry
 
   return jax.lax.fori_loop(0, where.size.shape[0], expert, init)
 
 
-def _rows_times(x: Array, rhs: Array, where: Groups, rows: int,
+def _rows_times(x: Array, rhs: Array, where: Groups, heights: tuple[int, ...],
                 transpose_rhs: bool) -> Array:
   """out[m] = x[m] @ rhs[e(m)] (or its transpose), rows past the groups 0.
 
@@ -104,63 +129,76 @@ def _rows_times(x: Array, rhs: Array, where: Groups, rows: int,
   contract = 1 if transpose_rhs else 0
   num_rows = x.shape[0]
 
-  def chunk(at, valid, carry):
+  def chunk(e, at, valid, carry):
+    del e  # the matrix is in the carry
     out, matrix = carry
+    height = valid.shape[0]
     product = jax.lax.dot_general(
-        jax.lax.dynamic_slice_in_dim(x, at, rows), matrix,
+        jax.lax.dynamic_slice_in_dim(x, at, height), matrix,
         (((1,), (contract,)), ((), ())), preferred_element_type=out.dtype)
-    kept = jax.lax.dynamic_slice_in_dim(out, at, rows)
+    kept = jax.lax.dynamic_slice_in_dim(out, at, height)
     return jax.lax.dynamic_update_slice_in_dim(
         out, jnp.where(valid[:, None], product, kept), at, 0), matrix
 
   # The expert's matrix is sliced once per expert, not once per chunk.
-  out, _ = _over_chunks(where, rows, num_rows, chunk,
+  out, _ = _over_chunks(where, heights, num_rows, chunk,
                         lambda e, carry: (carry[0], rhs[e]),
                         (_zeros((num_rows, width), x, rhs), rhs[0]))
   return out
 
 
-def _weight_grad(x: Array, grad: Array, where: Groups, rows: int) -> Array:
-  """<[E, I, O]>: sum over group e's rows m of x[m]^T grad[m]."""
-  num_groups, num_rows = where.size.shape[0], x.shape[0]
-  total = _zeros((num_groups, x.shape[1], grad.shape[1]), x, grad)
-  zero = _zeros(total.shape[1:], x, grad)
+def _group_heads(a: Array, where: Groups, head: int) -> Array:
+  """<[M, W]> -> <[E, C, W]>: the first C = `head` rows of every group,
+  zero past the group's end (C <= M)."""
+  row = jnp.arange(head)
+  index = jnp.minimum(where.start[:, None] + row, a.shape[0] - 1)  # [E, C]
+  return jnp.where((row < where.size[:, None])[..., None],
+                   jnp.take(a, index, axis=0), 0)
 
-  def chunk(at, valid, carry):
-    total, running = carry
-    part = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(x, at, rows),
-                     0)
-    running = running + jax.lax.dot_general(
-        part, jax.lax.dynamic_slice_in_dim(grad, at, rows),
-        (((0,), (0,)), ((), ())), preferred_element_type=running.dtype)
-    return total, running
 
-  def per_expert(e, carry):
-    total, running = carry
-    # Expert e - 1 is done: its sum goes to its slot (e = 0: slot E - 1,
-    # overwritten at the end).
-    return (jax.lax.dynamic_update_index_in_dim(
-        total, running, (e - 1) % num_groups, 0), zero)
+def _weight_grad(x: Array, grad: Array, where: Groups,
+                 heights: tuple[int, ...]) -> Array:
+  """<[E, I, O]>: sum over group e's rows m of x[m]^T grad[m].
 
-  total, running = _over_chunks(where, rows, num_rows, chunk, per_expert,
-                                (total, zero))
-  return jax.lax.dynamic_update_index_in_dim(total, running, num_groups - 1,
-                                             0)
+  The first C = heights[0] rows of every group (x and grad gathered into
+  <[E, C, I]> and <[E, C, O]>) go through one batched dot, which also
+  writes every expert's slot; the rest of each group is walked in chunks
+  and added to its slot in place.
+  """
+  head = heights[0]
+  total = jnp.einsum("ecp,ecq->epq", _group_heads(x, where, head),
+                     _group_heads(grad, where, head),
+                     preferred_element_type=jnp.result_type(x, grad))
+  used = jnp.minimum(where.size, head)
+
+  def chunk(e, at, valid, total):
+    height = valid.shape[0]
+    part = jnp.where(valid[:, None],
+                     jax.lax.dynamic_slice_in_dim(x, at, height), 0)
+    update = jax.lax.dot_general(
+        part, jax.lax.dynamic_slice_in_dim(grad, at, height),
+        (((0,), (0,)), ((), ())), preferred_element_type=total.dtype)
+    return jax.lax.dynamic_update_index_in_dim(total, total[e] + update, e,
+                                               0)
+
+  return _over_chunks(Groups(where.start + used, where.size - used), heights,
+                      x.shape[0], chunk, lambda e, total: total, total)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked(lhs: Array, rhs: Array, where: Groups, rows: int) -> Array:
-  return _rows_times(lhs, rhs, where, rows, False)
+def _blocked(lhs: Array, rhs: Array, where: Groups,
+             heights: tuple[int, ...]) -> Array:
+  return _rows_times(lhs, rhs, where, heights, False)
 
 
-def _blocked_fwd(lhs, rhs, where, rows):
-  return _blocked(lhs, rhs, where, rows), (lhs, rhs, where)
+def _blocked_fwd(lhs, rhs, where, heights):
+  return _blocked(lhs, rhs, where, heights), (lhs, rhs, where)
 
 
-def _blocked_bwd(rows, saved, grad):
+def _blocked_bwd(heights, saved, grad):
   lhs, rhs, where = saved
-  grad_lhs = _rows_times(grad, rhs, where, rows, True)
-  grad_rhs = _weight_grad(lhs, grad, where, rows)
+  grad_lhs = _rows_times(grad, rhs, where, heights, True)
+  grad_rhs = _weight_grad(lhs, grad, where, heights)
   no_grad = jax.tree.map(lambda _: None, where)
   return (sum_to_vary_like(grad_lhs.astype(lhs.dtype), lhs),
           sum_to_vary_like(grad_rhs.astype(rhs.dtype), rhs), no_grad)
@@ -170,15 +208,20 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array,
-                   rows: int | None = None) -> Array:
+                   heights: tuple[int, ...] | None = None) -> Array:
   """<[M, I]> rows sorted by group, <[E, I, O]>, <int32>[E] -> <[M, O]>.
 
-  rows: B, the chunk height, in [1, M] (default `block_rows`).
+  heights: the chunk heights, descending, each in [1, M] (default
+  `chunk_heights`); see `_over_chunks`.
   """
-  if lhs.shape[0] == 0:  # no rows: nothing to chunk
+  num_rows = lhs.shape[0]
+  if num_rows == 0:  # no rows: nothing to chunk
     return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs, rhs))
-  if rows is None:
-    rows = block_rows(lhs.shape[0], rhs.shape[0])
-  if not 1 <= rows <= lhs.shape[0]:
-    raise ValueError(f"rows={rows} must be in [1, M={lhs.shape[0]}]")
-  return _blocked(lhs, rhs, groups(group_sizes), rows)
+  if heights is None:
+    heights = chunk_heights(num_rows, rhs.shape[0])
+  heights = tuple(heights)
+  if (not heights or list(heights) != sorted(heights, reverse=True)
+      or not all(1 <= h <= num_rows for h in heights)):
+    raise ValueError(f"heights={heights} must be descending, each in "
+                     f"[1, M={num_rows}]")
+  return _blocked(lhs, rhs, groups(group_sizes), heights)
