@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import gin
 import jax
@@ -96,8 +97,8 @@ def run(spec: tuple[str, ...], seeds: list[int], steps: int, batch: int,
   model = build_model(config)
   optimizer = make_optimizer(OptimizerConfig(
       name="adamw", learning_rate=3e-3, schedule="constant", warmup_steps=0))
-  step = make_train_step(model, optimizer, loss_config,
-                         jax.random.PRNGKey(0))
+  step = functools.partial(make_train_step(model, optimizer, loss_config),
+                           dropout_key=jax.random.PRNGKey(0))
   out = []
   for seed in seeds:
     data = batches(config.vocab_size, batch, length, seed=seed)

@@ -1,5 +1,7 @@
 """Train step: loss terms and their gradients, overfitting, freezing."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,8 +124,9 @@ def test_tiny_model_overfits_a_tiny_batch(name):
       schedule="constant", warmup_steps=5))
   state = train_step.init_state(model, optimizer, batch,
                                 jax.random.PRNGKey(0))
-  step = train_step.make_train_step(model, optimizer, objective.LossConfig(),
-                                    jax.random.PRNGKey(1))
+  step = functools.partial(
+      train_step.make_train_step(model, optimizer, objective.LossConfig()),
+      dropout_key=jax.random.PRNGKey(1))
   losses = []
   for _ in range(80):
     state, metrics = step(state, batch)
@@ -140,8 +143,9 @@ def test_freezing_keeps_parameters_fixed(freeze, frozen, trained):
   state = train_step.init_state(model, optimizer, batch,
                                 jax.random.PRNGKey(0))
   before = jax.tree.map(np.asarray, state.params)
-  step = train_step.make_train_step(model, optimizer, objective.LossConfig(),
-                                    jax.random.PRNGKey(1))
+  step = functools.partial(
+      train_step.make_train_step(model, optimizer, objective.LossConfig()),
+      dropout_key=jax.random.PRNGKey(1))
   for _ in range(3):
     state, _ = step(state, batch)
   moe_before = before["encoder"]["block_0"]["layer_1"]["moe"]
@@ -182,3 +186,22 @@ def test_bad_loss_knobs():
     objective.LossConfig(aux_loss_factor=-1)
   with pytest.raises(ValueError, match="label_smoothing=1.0"):
     objective.LossConfig(label_smoothing=1.0)
+
+
+def test_seeds_share_one_compiled_step_and_dropout_follows_the_key():
+  model = build_model(TransformerConfig(
+      vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+      num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.5))
+  batch = tiny_batch()
+  optimizer = optimizers.make_optimizer(optimizers.OptimizerConfig(
+      name="adamw", learning_rate=1e-2))
+  step = train_step.make_train_step(model, optimizer, objective.LossConfig())
+  fresh = lambda: train_step.init_state(model, optimizer, batch,
+                                        jax.random.PRNGKey(0))
+  keys = [jax.random.PRNGKey(1), jax.random.PRNGKey(2)]
+  programs = {step.lower(fresh(), batch, k).as_text() for k in keys}
+  assert len(programs) == 1
+  losses = [float(step(fresh(), batch, k)[1]["loss"]) for k in keys]
+  assert losses[0] != losses[1]
+  again = float(step(fresh(), batch, keys[0])[1]["loss"])
+  assert again == losses[0]

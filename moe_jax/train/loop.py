@@ -144,15 +144,15 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore(resumed_from, state)
-  step_fn = make_train_step(model, optimizer, loss_config,
-                            jax.random.fold_in(key, 1), state_shardings)
+  step_fn = make_train_step(model, optimizer, loss_config, state_shardings)
+  dropout_key = jax.random.fold_in(key, 1)
   history = []
   signum = None
   last_saved = resumed_from
   with _stop_requests() as stop:
     while int(state.step) < num_steps:
       step = int(state.step)
-      new_state, metrics = step_fn(state, batch_fn(step))
+      new_state, metrics = step_fn(state, batch_fn(step), dropout_key)
       scalars = _scalars(metrics)
       if not math.isfinite(scalars["loss"]):
         raise NonFiniteLossError(_non_finite(checkpointer, step,

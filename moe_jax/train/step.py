@@ -90,15 +90,17 @@ def loss_fn(model: nn.Module, loss_config: LossConfig, params, model_state,
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    loss_config: LossConfig, seed_key: Array,
-                    state_shardings: Any = None
-                    ) -> Callable[[TrainState, Mapping[str, Array]],
+                    loss_config: LossConfig, state_shardings: Any = None
+                    ) -> Callable[[TrainState, Mapping[str, Array], Array],
                                   tuple[TrainState, dict[str, Array]]]:
-  """A jitted (state, batch) -> (state, metrics) step; with
+  """A jitted (state, batch, dropout_key) -> (state, metrics) step; step t
+  draws its dropout from `fold_in(dropout_key, t)`. The key is an argument,
+  not a constant of the program, so runs with different seeds share one
+  compiled step (and JAX's persistent compilation cache). With
   `state_shardings` the new state keeps the layout of the old one."""
 
-  def step(state: TrainState, batch):
-    dropout_rng = jax.random.fold_in(seed_key, state.step)
+  def step(state: TrainState, batch, dropout_key: Array):
+    dropout_rng = jax.random.fold_in(dropout_key, state.step)
     (_, (metrics, model_state)), grads = jax.value_and_grad(
         lambda p: loss_fn(model, loss_config, p, state.model_state, batch,
                           dropout_rng), has_aux=True)(state.params)
