@@ -175,6 +175,48 @@ def _is_sorted(rng):
           "options": ("yes", "no")}
 
 
+# --- word knowledge: fixed word lists a model learns by heart -----------------
+_TOPICS = {
+    "animal": ("cat", "dog", "horse", "mouse", "tiger", "sheep", "goat",
+               "duck"),
+    "color": ("red", "blue", "green", "yellow", "purple", "white", "black",
+              "brown"),
+    "food": ("bread", "rice", "soup", "cheese", "apple", "pasta", "cake",
+             "egg"),
+    "tool": ("hammer", "saw", "drill", "wrench", "shovel", "axe", "rake",
+             "knife"),
+}
+_POSITIVE = ("great", "lovely", "superb", "fun", "wonderful", "pleasant",
+             "good", "excellent")
+_NEGATIVE = ("awful", "boring", "bad", "dull", "terrible", "poor", "nasty",
+             "horrible")
+_REVIEWED = ("film", "meal", "hotel", "book", "game", "show")
+_OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"),
+              ("up", "down"), ("open", "closed"), ("light", "dark"),
+              ("early", "late"), ("happy", "sad"), ("full", "empty"),
+              ("old", "new"), ("wet", "dry"), ("hard", "soft"))
+
+
+def _word_topic(rng):
+  topic = rng.choice(sorted(_TOPICS))
+  return {"w": rng.choice(_TOPICS[topic]), "answer": topic,
+          "options": tuple(sorted(_TOPICS))}
+
+
+def _review_sentiment(rng):
+  positive = rng.random() < 0.5
+  adjective = rng.choice(_POSITIVE if positive else _NEGATIVE)
+  return {"review": f"The {rng.choice(_REVIEWED)} was {adjective}.",
+          "answer": "positive" if positive else "negative",
+          "options": ("positive", "negative")}
+
+
+def _antonym(rng):
+  pair = rng.choice(_OPPOSITES)
+  w = rng.randint(0, 1)
+  return {"w": pair[w], "answer": pair[1 - w]}
+
+
 # --- entailment from templates ---------------------------------------------
 _NAMES = ("Ana", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal")
 _PLACES = ("park", "shop", "lake", "school", "farm", "museum")
@@ -257,6 +299,14 @@ TASKS: Tuple[GenTask, ...] = (
     GenTask("comparison_entailment", "entailment", _comparison_entailment, _t(
         "Premise: {premise} Does it follow that {hypothesis}",
         "{premise} Is it true that {hypothesis}"), has_options=True),
+    GenTask("word_topic", "topic", _word_topic, _t(
+        "What kind of thing is '{w}'?", "Topic of the word {w}:"),
+        has_options=True),
+    GenTask("review_sentiment", "sentiment", _review_sentiment, _t(
+        "Review: {review} Is it positive or negative?",
+        "{review} Sentiment:"), has_options=True),
+    GenTask("antonym", "word_relations", _antonym, _t(
+        "What is the opposite of '{w}'?", "Opposite of {w}:")),
 )
 
 TASKS_BY_NAME: Mapping[str, GenTask] = {t.name: t for t in TASKS}

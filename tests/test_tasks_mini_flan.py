@@ -86,7 +86,31 @@ def _solve(name, inputs):
     bigger = re.search(r"(\w+) has more apples", q).group(1)
     other = b if bigger == a else a
     return _yes(counts[bigger] > counts[other])
+  if name == "word_topic":
+    return _TOPIC_OF[_word_in(q, r"is '(\w+)'\?", r"word (\w+):")]
+  if name == "review_sentiment":
+    adjective = re.search(r"was (\w+)\.", q).group(1)
+    return "positive" if adjective in _POSITIVE else "negative"
+  if name == "antonym":
+    return _OPPOSITE[_word_in(q, r"opposite of '(\w+)'", r"Opposite of (\w+):")]
   raise AssertionError(f"no solver for {name}")
+
+
+_TOPIC_OF = {**dict.fromkeys("cat dog horse mouse tiger sheep goat duck".split(),
+                             "animal"),
+             **dict.fromkeys("red blue green yellow purple white black "
+                             "brown".split(), "color"),
+             **dict.fromkeys("bread rice soup cheese apple pasta cake "
+                             "egg".split(), "food"),
+             **dict.fromkeys("hammer saw drill wrench shovel axe rake "
+                             "knife".split(), "tool")}
+_POSITIVE = set("great lovely superb fun wonderful pleasant good "
+                "excellent".split())
+_OPPOSITE = {a: b for pair in ("hot cold", "big small", "fast slow", "up down",
+                               "open closed", "light dark", "early late",
+                               "happy sad", "full empty", "old new", "wet dry",
+                               "hard soft")
+             for a, b in (pair.split(), pair.split()[::-1])}
 
 
 @pytest.mark.parametrize("task", gen.TASKS, ids=lambda t: t.name)
