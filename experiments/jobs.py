@@ -173,7 +173,8 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
       train=run_lib.TrainConfig(
           model_dir=str(_model_dir(config, job)), num_steps=steps,
           save_every=steps, keep_checkpoints=1, log_every=max(steps // 2, 1),
-          seed=job.seed, init_checkpoint=init, async_checkpointing=False),
+          seed=job.seed, init_checkpoint=init, async_checkpointing=False,
+          tensorboard=False),
       data=DataConfig(mixture, dict(lengths), batch_size=config.batch_size,
                       seed=job.seed),
       optimizer=optimizer, loss=loss)
@@ -198,6 +199,24 @@ def _evaluations(config: ExperimentConfig, cluster: str, few_shot: bool
   return evals
 
 
+_EVALUATORS: dict = {}
+
+
+def _evaluator(job: Job, model, mixture: str, lengths: Mapping[str, int],
+               examples: int) -> Evaluator:
+  """One `Evaluator` per model (`job`'s spec and eval capacity factor) and
+  evaluation in this process: its examples are read and its decoding
+  traced once for every job of the process that evaluates that model."""
+  key = (job.model, job.eval_capacity_factor, mixture,
+         tuple(sorted(lengths.items())), examples)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = Evaluator(
+        EvalConfig(mixture, task_feature_lengths=dict(lengths),
+                   batch_size=EVAL_BATCH, num_examples=examples),
+        model, "enc_dec", None)
+  return _EVALUATORS[key]
+
+
 def evaluate(config: ExperimentConfig, model, job: Job, params,
              cluster: str) -> dict:
   """{eval name: {"score": the mixture's average exact match (each member
@@ -206,10 +225,8 @@ def evaluate(config: ExperimentConfig, model, job: Job, params,
   out = {}
   evaluations = _evaluations(config, cluster, _scores_few_shot(job))
   for name, (mixture, lengths) in evaluations.items():
-    evaluator = Evaluator(
-        EvalConfig(mixture, task_feature_lengths=lengths,
-                   batch_size=EVAL_BATCH, num_examples=config.eval_examples),
-        model, "enc_dec", None)
+    evaluator = _evaluator(job, model, mixture, lengths,
+                           config.eval_examples)
     metrics = evaluator.evaluate(params, 0)
     average = f"{mixture}/{eval_averages.AVERAGE}"
     tasks = {task: values["exact_match"] for task, values in metrics.items()
@@ -228,15 +245,28 @@ def routing(config: ExperimentConfig, model, params, cluster: str
   if model.encoder_moe is None and model.decoder_moe is None:
     return None
   checkpoint = Checkpoint(None, 0, model, build_model(model), params, None)
-  batch = task_batches.joined(task_batches.task_batches(
-      checkpoint, f"mini_flan_eval_{cluster}",
-      examples_per_task=config.eval_examples,
-      task_feature_lengths=config.instruct_lengths))
+  batch = _routing_batch(checkpoint, cluster, config.eval_examples,
+                         config.instruct_lengths)
   report = route_batch(checkpoint, batch)
   load = routing_monitor.load_stats(report.load_matrix())
   return {"usage": float(analyses.utilization_of(report).mean()),
           "drop_ratio": float(analyses.drops(report).drop_ratio.mean()),
           "load_cv": float(load.cv.mean())}
+
+
+_ROUTING_BATCHES: dict = {}
+
+
+def _routing_batch(checkpoint: Checkpoint, cluster: str, examples: int,
+                   lengths: Mapping[str, int]) -> dict:
+  """The examples `routing` routes, read once per process: they depend on
+  the cluster, not on the model (every model here is an encoder-decoder)."""
+  key = (cluster, examples, tuple(sorted(lengths.items())))
+  if key not in _ROUTING_BATCHES:
+    _ROUTING_BATCHES[key] = task_batches.joined(task_batches.task_batches(
+        checkpoint, f"mini_flan_eval_{cluster}", examples_per_task=examples,
+        task_feature_lengths=lengths))
+  return _ROUTING_BATCHES[key]
 
 
 def constant_baselines(config: ExperimentConfig) -> dict:
