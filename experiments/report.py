@@ -2,7 +2,8 @@
 
 Files written to `ExperimentConfig.reports_to`:
   table.md        the headline differences averaged over the held-out
-                  clusters (with baselines), the
+                  clusters (with baselines), sparse minus dense paired by
+                  seed (the paper's claims), the
                   main table (per held-out cluster, model x setting,
                   mean ± sample std over seeds, the constant-answer
                   baseline beside them; paired gains as mean [95%
@@ -136,32 +137,78 @@ def main_table(rows: Sequence[dict], models: Sequence[str], cluster: str,
   return lines, values
 
 
+# Headline column -> (SETTINGS column, minus SETTINGS column or None for
+# the constant answer), averaged over the held-out clusters per seed.
+OVERALL = {LEARNED: ("FT (no IT)", None),
+           "IT then FT - constant": ("IT then FT", None), **GAINS}
+# The paper's claims, sparse minus dense per seed: column -> differences
+# as in OVERALL (a score minus the constant answer, which cancels between
+# models, or a gain).
+VERSUS_DENSE = {"FT (no IT)": OVERALL[LEARNED],
+                "IT then FT": OVERALL["IT then FT - constant"],
+                "IT gain on FT": GAINS["IT gain on FT"],
+                "IT zero-shot": ("IT zero-shot", None),
+                "IT few-shot": ("IT few-shot", None)}
+
+
+def _cluster_means(rows: Sequence[dict], model: str,
+                   clusters: Sequence[str],
+                   baselines: Mapping[str, Mapping[str, float]],
+                   differences: Mapping[str, tuple]) -> dict[str, dict]:
+  """column -> {seed: the mean over `clusters` of its difference} of
+  `differences` (column -> (SETTINGS column, minus column or None)) for
+  `model`'s main-table rows; a seed counts where every cluster has both
+  terms."""
+  mine = [r for r in rows if r["model"] == model and not r["ablation"]]
+  out = {}
+  for column, (first, second) in differences.items():
+    per_cluster = [_difference([r for r in mine if r["cluster"] == cluster],
+                               first, second, baselines[cluster])
+                   for cluster in clusters]
+    seeds = sorted(set.intersection(*(set(d) for d in per_cluster)))
+    out[column] = {s: float(np.mean([d[s] for d in per_cluster]))
+                   for s in seeds}
+  return out
+
+
 def overall_table(rows: Sequence[dict], models: Sequence[str],
                   clusters: Sequence[str],
                   baselines: Mapping[str, Mapping[str, float]]
                   ) -> tuple[list[str], dict]:
   """Markdown lines and {model: {column: [values over seeds]}} of the
-  headline numbers: per seed, the mean over `clusters` of FT minus the
-  constant answer (`LEARNED`), of IT then FT minus the constant answer, and
-  of each `GAINS` difference; a seed counts where every cluster has both
-  terms. Cells: mean [95% t-interval over seeds]."""
-  minus = {LEARNED: ("FT (no IT)", None),
-           "IT then FT - constant": ("IT then FT", None), **GAINS}
+  headline numbers: per seed, the mean over `clusters` of each OVERALL
+  difference. Cells: mean [95% t-interval over seeds]."""
+  values = {model: {column: list(by_seed.values()) for column, by_seed in
+                    _cluster_means(rows, model, clusters, baselines,
+                                   OVERALL).items()}
+            for model in models}
+  lines = _markdown_header(["model", *OVERALL])
+  for model, columns in values.items():
+    lines.append(f"| {model} | " + " | ".join(
+        _gain_cell(v) for v in columns.values()) + " |")
+  return lines, values
+
+
+def versus_dense_table(rows: Sequence[dict], models: Sequence[str],
+                       clusters: Sequence[str],
+                       baselines: Mapping[str, Mapping[str, float]],
+                       dense: str = "dense") -> tuple[list[str], dict]:
+  """Markdown lines and {model: {column: [values over seeds]}}: for every
+  model but `dense`, each VERSUS_DENSE score or gain (mean over `clusters`)
+  minus `dense`'s of the same seed; empty without a `dense` model."""
+  if dense not in models:
+    return [], {}
+  reference = _cluster_means(rows, dense, clusters, baselines, VERSUS_DENSE)
   values = {}
   for model in models:
-    mine = [r for r in rows if r["model"] == model and not r["ablation"]]
-    columns = {}
-    for column, (first, second) in minus.items():
-      per_cluster = []
-      for cluster in clusters:
-        per_cluster.append(_difference(
-            [r for r in mine if r["cluster"] == cluster], first, second,
-            baselines[cluster]))
-      seeds = sorted(set.intersection(*(set(d) for d in per_cluster)))
-      columns[column] = [float(np.mean([d[s] for d in per_cluster]))
-                         for s in seeds]
-    values[model] = columns
-  lines = _markdown_header(["model", *minus])
+    if model == dense:
+      continue
+    mine = _cluster_means(rows, model, clusters, baselines, VERSUS_DENSE)
+    values[model] = {
+        column: [v - reference[column][s] for s, v in by_seed.items()
+                 if s in reference[column]]
+        for column, by_seed in mine.items()}
+  lines = _markdown_header(["model minus dense", *VERSUS_DENSE])
   for model, columns in values.items():
     lines.append(f"| {model} | " + " | ".join(
         _gain_cell(v) for v in columns.values()) + " |")
@@ -303,8 +350,9 @@ def write(config, rows: Sequence[dict],
   """Writes the report files, with the models' table `settings` (markdown
   lines, `variants.settings_table`) and the constant-answer `baselines`
   ({cluster: {evaluation: score}}, `jobs.constant_baselines`) where given;
-  returns {"main": {cluster: values}, "overall": values (with
-  `baselines`), "routing": values, "ablations": {cluster: values}}."""
+  returns {"main": {cluster: values}, "overall": values and
+  "versus_dense": values (with `baselines`), "routing": values,
+  "ablations": {cluster: values}}."""
   from experiments.variants import ModelSpec
   out = config.reports_to
   out.mkdir(parents=True, exist_ok=True)
@@ -325,13 +373,25 @@ def write(config, rows: Sequence[dict],
             "Untuned: the pre-trained model, evaluated as is. Pre-train CE: "
             "span-corruption cross entropy (nats/token) over the last 10% "
             "of steps.", ""]
-  main, ablations, overall = {}, {}, {}
+  main, ablations, overall, versus = {}, {}, {}, {}
   if baselines:
     table, overall = overall_table(rows, models, config.held_out, baselines)
     lines += ["## Mean over the held-out clusters", "",
               "Per seed, the mean over the clusters "
               f"{list(config.held_out)} of each difference; mean [95% "
               "t-interval over seeds] (n seeds).", "", *table, ""]
+    table, versus = versus_dense_table(rows, models, config.held_out,
+                                       baselines)
+    if table:
+      lines += ["## Sparse minus dense (the paper's claims)", "",
+                "Per seed, a sparse model's score or gain (mean over the "
+                "held-out clusters) minus the dense model's of the same "
+                "seed; mean [95% t-interval over seeds] (n seeds). FT "
+                "(no IT) < 0: sparse models fine-tune worse without "
+                "instruction tuning; IT gain on FT > 0: instruction tuning "
+                "helps them more; IT zero- / few-shot > 0: instruction-tuned "
+                "sparse models do better on the held-out clusters.", "",
+                *table, ""]
   for cluster in config.held_out:
     table, main[cluster] = main_table(rows, models, cluster,
                                       (baselines or {}).get(cluster))
@@ -357,5 +417,5 @@ def write(config, rows: Sequence[dict],
       "".join(json.dumps(r) + "\n" for r in rows))
   _plot_main(main, out / "main.png", baselines or {})
   _plot_ablations(ablations, out / "ablations.png")
-  return {"main": main, "overall": overall, "routing": routing,
-          "ablations": ablations}
+  return {"main": main, "overall": overall, "versus_dense": versus,
+          "routing": routing, "ablations": ablations}

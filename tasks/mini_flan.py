@@ -37,8 +37,8 @@ PRETRAIN_SPLIT_SIZES = {"train": 2000, "validation": 100, "test": 100}
 # few hundred steps, and a cluster it never trains on.
 MAIN_HELD_IN = ("sign", "parity", "palindrome")
 MAIN_HELD_OUT = ("location_entailment", "comparison_entailment")
-# Held-out groups of the experiments/ study: tasks the study's tiny models
-# learn when fine-tuned (experiments/README.md), registered with the same
+# Held-out groups of the experiments/ study's earlier design (its 1,000-step
+# fine-tuning learns them; experiments/README.md), registered with the same
 # mixtures as a generator cluster (mini_flan_<group>, ...).
 STUDY_CLUSTERS: Mapping[str, Tuple[str, ...]] = {
     "rules": ("sign", "parity", "palindrome"),

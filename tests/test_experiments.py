@@ -335,6 +335,35 @@ def test_overall_table_averages_clusters_per_seed_then_seeds():
       f"| dense | {mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=2) |")
 
 
+def test_versus_dense_pairs_each_sparse_model_with_dense_by_seed():
+  def at(model, cluster, row):
+    return {**row, "model": model, "cluster": cluster}
+  rows = []
+  # Per (model, seed): FT scores on clusters c and d, then IT zero-shot.
+  scores = {("dense", 0): (50, 30, 4), ("dense", 1): (70, 20, 6),
+            ("moe", 0): (40, 30, 10), ("moe", 1): (74, 20, 2),
+            ("moe", 2): (90, 90, 90)}  # no dense seed 2: not paired
+  for (model, seed), (c, d, it) in scores.items():
+    rows += [at(model, "c", _row(seed, "finetune", c)),
+             at(model, "d", _row(seed, "finetune", d)),
+             at(model, "c", _row(seed, "instruct", it)),
+             at(model, "d", _row(seed, "instruct", it))]
+  baselines = {"c": {"zero_shot": 40.0, "few_shot": 30.0},
+               "d": {"zero_shot": 10.0, "few_shot": 5.0}}
+  lines, values = report.versus_dense_table(rows, ["dense", "moe"],
+                                            ("c", "d"), baselines)
+  assert list(values) == ["moe"]
+  # seed 0: (40 + 30) / 2 - (50 + 30) / 2; seed 1: (74 + 20) / 2 - 45.
+  assert values["moe"]["FT (no IT)"] == [-5, 2]
+  assert values["moe"]["IT zero-shot"] == [6, -4]
+  assert values["moe"]["IT gain on FT"] == []  # no IT then FT rows
+  mean, low, high = report.paired_interval([-5, 2])
+  assert lines[2].startswith(
+      f"| moe | {mean:+.1f} [{low:+.1f}, {high:+.1f}] (n=2) |")
+  assert report.versus_dense_table(rows, ["moe"], ("c", "d"),
+                                   baselines) == ([], {})
+
+
 def test_routing_table_compares_before_and_after_instruction_tuning():
   def row(seed, stage, cluster, usage):
     return {"model": "st_moe_e4", "ablation": "", "seed": seed,
