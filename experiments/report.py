@@ -182,11 +182,7 @@ def overall_table(rows: Sequence[dict], models: Sequence[str],
                     _cluster_means(rows, model, clusters, baselines,
                                    OVERALL).items()}
             for model in models}
-  lines = _markdown_header(["model", *OVERALL])
-  for model, columns in values.items():
-    lines.append(f"| {model} | " + " | ".join(
-        _gain_cell(v) for v in columns.values()) + " |")
-  return lines, values
+  return _gain_table(["model", *OVERALL], values), values
 
 
 def versus_dense_table(rows: Sequence[dict], models: Sequence[str],
@@ -208,11 +204,18 @@ def versus_dense_table(rows: Sequence[dict], models: Sequence[str],
         column: [v - reference[column][s] for s, v in by_seed.items()
                  if s in reference[column]]
         for column, by_seed in mine.items()}
-  lines = _markdown_header(["model minus dense", *VERSUS_DENSE])
+  return _gain_table(["model minus dense", *VERSUS_DENSE], values), values
+
+
+def _gain_table(header: Sequence[str], values: Mapping[str, dict]
+                ) -> list[str]:
+  """Markdown lines: `header`, then one row per model of `values`
+  ({model: {column: [values over seeds]}}), each cell a `_gain_cell`."""
+  lines = _markdown_header(header)
   for model, columns in values.items():
     lines.append(f"| {model} | " + " | ".join(
         _gain_cell(v) for v in columns.values()) + " |")
-  return lines, values
+  return lines
 
 
 def routing_table(rows: Sequence[dict], models: Sequence[str],
