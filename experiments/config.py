@@ -55,7 +55,8 @@ class ExperimentConfig:
       tuning.
     ablate_eval_capacity: eval capacity factors of the instruction-tuned
       base model.
-    workers: processes per phase (1: in this process).
+    workers: worker processes, one pool for every phase (1: in this
+      process).
     compilation_cache_dir: JAX's persistent compilation cache (None: off).
     xla_flags: added to XLA_FLAGS in every process (tiny CPU models gain
       from `--xla_backend_optimization_level=0`: compiling costs more than

@@ -27,9 +27,9 @@ during instruction tuning, and the capacity factor at evaluation of the
 instruction-tuned model.
 
 Jobs run in phases (pre-training; fine-tuning and instruction tuning;
-fine-tuning after instruction tuning and evaluation-only jobs), each phase
-on `workers` processes. A job whose result file exists is not run again, so an
-interrupted experiment resumes. Results: OUT_DIR/results/*.json, then the
+fine-tuning after instruction tuning and evaluation-only jobs), one phase
+after the other on the same `workers` processes. A job whose result file
+exists is not run again, so an interrupted experiment resumes. Results: OUT_DIR/results/*.json, then the
 table and plots (`experiments.report`) in `report_dir`.
 """
 
@@ -77,22 +77,21 @@ def _phases_and_models(config: ExperimentConfig) -> tuple[list, dict]:
 
 
 def run_experiment(config: ExperimentConfig) -> list[dict]:
-  """Runs (or reuses) every job of `plan(config)`; their result rows."""
+  """Runs (or reuses) every job of `plan(config)`, phase after phase; their
+  result rows. With `workers` > 1 one pool serves every phase, so each
+  worker starts (imports, first traces, evaluators) once."""
   jobs.init_worker(config)
   phases, models = _phases_and_models(config)
-  rows = []
+  calls = [[(config, models, job) for job in phase] for phase in phases]
+  if config.workers == 1:
+    return [row for phase in calls for call in phase
+            for row in jobs.run_job(*call)]
   context = multiprocessing.get_context("spawn")
-  for phase in phases:
-    calls = [(config, models, job) for job in phase]
-    if config.workers == 1:
-      rows += [row for call in calls for row in jobs.run_job(*call)]
-      continue
-    with context.Pool(config.workers, initializer=jobs.init_worker,
-                      initargs=(config,)) as pool:
-      rows += [row for job_rows in pool.starmap(jobs.run_job, calls,
-                                                chunksize=1)
-               for row in job_rows]
-  return rows
+  with context.Pool(config.workers, initializer=jobs.init_worker,
+                    initargs=(config,)) as pool:
+    return [row for phase in calls
+            for job_rows in pool.starmap(jobs.run_job, phase, chunksize=1)
+            for row in job_rows]
 
 
 if __name__ == "__main__":
