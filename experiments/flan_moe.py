@@ -29,8 +29,9 @@ instruction-tuned model.
 Jobs run in phases (pre-training; fine-tuning and instruction tuning;
 fine-tuning after instruction tuning and evaluation-only jobs), one phase
 after the other on the same `workers` processes. A job whose result file
-exists is not run again, so an interrupted experiment resumes. Results: OUT_DIR/results/*.json, then the
-table and plots (`experiments.report`) in `report_dir`.
+exists is not run again, so an interrupted experiment resumes. Results:
+OUT_DIR/results/*.json, then the table and plots (`experiments.report`) in
+`report_dir`.
 """
 
 from __future__ import annotations
