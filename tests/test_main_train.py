@@ -22,6 +22,7 @@ from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 from moe_jax.train import checkpoints
 from moe_jax.train import run as run_lib
+from moe_jax.train import step as train_step
 from moe_jax.train import warm_start
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig
@@ -78,6 +79,37 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == list(range(1, 7))
+
+
+def test_runs_of_one_program_trace_it_once(tmp_path, monkeypatch):
+  # A study runs many jobs of one model, optimizer and loss in a process:
+  # the train step is traced for the first only, and reusing it changes
+  # nothing in what a run computes.
+  run_lib._programs.cache_clear()
+  traces = []
+  traced = train_step.loss_fn
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return traced(*args, **kwargs)
+
+  monkeypatch.setattr(train_step, "loss_fn", counted)
+  first = run_lib.train(tiny_run(tmp_path / "first", 3))
+  again = run_lib.train(tiny_run(tmp_path / "again", 3))
+  other_seed = run_lib.train(tiny_run(tmp_path / "other", 3, seed=1))
+  assert len(traces) == 1
+  assert [h["loss"] for h in again.loop.history] == [
+      h["loss"] for h in first.loop.history]
+  for a, b in zip(jax.tree.leaves(first.loop.state.params),
+                  jax.tree.leaves(again.loop.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [h["loss"] for h in other_seed.loop.history] != [
+      h["loss"] for h in first.loop.history]
+  run_lib._programs.cache_clear()
+  fresh = run_lib.train(tiny_run(tmp_path / "fresh", 3))
+  assert len(traces) == 2
+  assert [h["loss"] for h in fresh.loop.history] == [
+      h["loss"] for h in first.loop.history]
 
 
 def test_partial_initialization_by_name(tmp_path):

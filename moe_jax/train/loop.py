@@ -112,6 +112,7 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
           on_step: Optional[Callable[[int, dict], None]] = None,
           initial_state: Optional[Callable[[jax.Array], TrainState]] = None,
           state_shardings: Any = None,
+          step_fn: Optional[Callable] = None,
           after_step: Optional[Callable[[int, TrainState], None]] = None
           ) -> LoopResult:
   """Trains until `num_steps` updates are done, resuming from the latest
@@ -125,6 +126,9 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
       initialized from another checkpoint); default: `init_state` on the
       batch of step 0, on the default device.
     state_shardings: shardings of the state, kept by the jitted step.
+    step_fn: the jitted step (default: `make_train_step` of `model`,
+      `optimizer`, `loss_config` and `state_shardings`); runs that pass the
+      same one share its traces.
     after_step: called with (step, state) after each step's metrics are
       logged, e.g. to evaluate every N steps.
 
@@ -144,7 +148,8 @@ def train(model: nn.Module, optimizer: optax.GradientTransformation,
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore(resumed_from, state)
-  step_fn = make_train_step(model, optimizer, loss_config, state_shardings)
+  if step_fn is None:
+    step_fn = make_train_step(model, optimizer, loss_config, state_shardings)
   dropout_key = jax.random.fold_in(key, 1)
   history = []
   signum = None

@@ -18,14 +18,16 @@ compiled); `train(run)` runs it. Python users can build a `Run` directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import gin
 import jax
 import numpy as np
+import optax
 
 from moe_jax import distributed, flops, knobs, partitioning
 from moe_jax.axes import Logical
@@ -39,7 +41,8 @@ from moe_jax.train.evaluation import EvalConfig, Evaluator
 from moe_jax.train.metrics_log import MetricsLogger
 from moe_jax.train.objective import LossConfig
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
-from moe_jax.train.step import TrainState, model_inputs, split_model_state
+from moe_jax.train.step import (TrainState, make_train_step, model_inputs,
+                                split_model_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +170,75 @@ def _tokens_per_example(data: DataConfig) -> int:
   return lengths.get("inputs", 0) + lengths["targets"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+  """What a run traces: built once per process for each (model, optimizer,
+  loss, batch shapes, mesh, rules), so runs that share them (a study's
+  seeds and stages) trace and place nothing again.
+
+  Attributes:
+    model, optimizer: built from the run's configs.
+    shardings: of the train state (params by their logical axes, the model
+      state replicated).
+    init: jitted PRNG key -> (unboxed params, model state), placed.
+    opt_init: jitted params -> optimizer state, placed.
+    step: the jitted train step (`make_train_step`), keeping `shardings`.
+  """
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  shardings: TrainState
+  init: Callable[[jax.Array], tuple[Any, Any]]
+  opt_init: Callable[[Any], Any]
+  step: Callable
+
+
+BatchShapes = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(model_config: TransformerConfig,
+              optimizer_config: OptimizerConfig, loss_config: LossConfig,
+              batch_shapes: BatchShapes, mesh: jax.sharding.Mesh,
+              rules: partitioning.LogicalRules) -> _Programs:
+  """The `_Programs` of a run whose global batch holds `batch_shapes`
+  ((feature, [B, ...] shape, dtype) triples)."""
+  model = build_model(model_config)
+  optimizer = make_optimizer(optimizer_config)
+  example = {name: np.zeros(shape, dtype)
+             for name, shape, dtype in batch_shapes}
+
+  def variables(key):
+    return model.init(key, **model_inputs(example), enable_dropout=False)
+
+  with partitioning.axis_rules(mesh, rules):
+    abstract = jax.eval_shape(variables, jax.random.PRNGKey(0))
+  boxed = abstract["params"]
+  param_shardings = partitioning.shardings_for(boxed, mesh, rules)
+  abstract_params = nn.unbox(boxed)
+  opt_shardings = partitioning.optimizer_state_shardings(
+      jax.eval_shape(optimizer.init, abstract_params), abstract_params,
+      param_shardings, mesh)
+  replicated = partitioning.replicated(mesh)
+  shardings = TrainState(replicated, param_shardings, opt_shardings,
+                         jax.tree.map(lambda _: replicated,
+                                      split_model_state(abstract)))
+
+  def init(key):
+    values = variables(key)
+    return nn.unbox(values["params"]), split_model_state(values)
+
+  return _Programs(
+      model, optimizer, shardings,
+      jax.jit(init, out_shardings=(shardings.params, shardings.model_state)),
+      jax.jit(optimizer.init, out_shardings=shardings.opt_state),
+      make_train_step(model, optimizer, loss_config, shardings))
+
+
 class _Trainer:
-  """What `train` sets up once: model, optimizer, mesh, data."""
+  """What `train` sets up once: mesh, data, the traced programs."""
 
   def __init__(self, run: Run):
     self.run = run
-    self.model = build_model(run.model)
-    self.optimizer = make_optimizer(run.optimizer)
     self.mesh = partitioning.make_mesh()
     self.rules = partitioning.logical_axis_rules()
     partitioning.check_divides("BATCH_SIZE (data.DataConfig.batch_size)",
@@ -189,6 +254,11 @@ class _Trainer:
                               jax.process_count())
     self.batch_sharding = nn.logical_to_mesh_sharding(
         jax.sharding.PartitionSpec("batch", None), self.mesh, self.rules)
+    shapes = tuple(sorted(
+        (name, (run.data.batch_size,) + value.shape[1:], value.dtype.str)
+        for name, value in self.stream(0).items()))
+    self.programs = _programs(run.model, run.optimizer, run.loss, shapes,
+                              self.mesh, self.rules)
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     local = self.stream(step)
@@ -197,34 +267,10 @@ class _Trainer:
         self.batch_sharding, v, (size,) + v.shape[1:])
             for k, v in local.items()}
 
-  def _init_variables(self, rng):
-    local = self.stream(0)
-    example = {k: np.zeros((self.run.data.batch_size,) + v.shape[1:], v.dtype)
-               for k, v in local.items()}
-    return self.model.init(rng, **model_inputs(example),
-                           enable_dropout=False)
-
-  def state_shardings(self, key) -> TrainState:
-    """Shardings of the train state (params by their logical axes, the
-    model state replicated)."""
+  def initial_state(self, key) -> TrainState:
+    programs = self.programs
     with partitioning.axis_rules(self.mesh, self.rules):
-      variables = jax.eval_shape(self._init_variables, key)
-    boxed = variables["params"]
-    param_shardings = partitioning.shardings_for(boxed, self.mesh, self.rules)
-    abstract_params = nn.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
-    opt_shardings = partitioning.optimizer_state_shardings(
-        abstract_opt, abstract_params, param_shardings, self.mesh)
-    replicated = partitioning.replicated(self.mesh)
-    return TrainState(replicated, param_shardings, opt_shardings,
-                      jax.tree.map(lambda _: replicated,
-                                   split_model_state(variables)))
-
-  def initial_state(self, key, shardings: TrainState) -> TrainState:
-    with partitioning.axis_rules(self.mesh, self.rules):
-      params, model_state = jax.jit(
-          lambda k: self._split(self._init_variables(k)),
-          out_shardings=(shardings.params, shardings.model_state))(key)
+      params, model_state = programs.init(key)
     source = self.run.train.init_checkpoint
     if source is not None:
       filled, copied = warm_start.from_checkpoint(
@@ -233,16 +279,9 @@ class _Trainer:
           self.run.train.init_format)
       if jax.process_index() == 0:
         print(f"initialized {len(copied)} parameter arrays from {source}")
-      params = jax.device_put(filled, shardings.params)
-    opt_state = jax.jit(self.optimizer.init,
-                        out_shardings=shardings.opt_state)(params)
-    step = jax.device_put(np.zeros((), np.int32), shardings.step)
-    return TrainState(step, params, opt_state, model_state)
-
-  @staticmethod
-  def _split(variables):
-    """(unboxed params, model state) of initialized `variables`."""
-    return nn.unbox(variables["params"]), split_model_state(variables)
+      params = jax.device_put(filled, programs.shardings.params)
+    step = jax.device_put(np.zeros((), np.int32), programs.shardings.step)
+    return TrainState(step, params, programs.opt_init(params), model_state)
 
 
 def train(run: Run) -> TrainResult:
@@ -293,14 +332,14 @@ def train(run: Run) -> TrainResult:
     return (f"during step {done + 1}. Rerun the same command to {resume} "
             f"in {cfg.model_dir}")
 
-  shardings = trainer.state_shardings(jax.random.PRNGKey(cfg.seed))
+  programs = trainer.programs
   with partitioning.axis_rules(trainer.mesh, trainer.rules), (
       distributed.peer_watch(situation)):
     result = loop.train(
-        trainer.model, trainer.optimizer, run.loss, trainer.batch,
+        programs.model, programs.optimizer, run.loss, trainer.batch,
         cfg.num_steps, checkpointer, seed=cfg.seed, on_step=on_step,
-        initial_state=lambda key: trainer.initial_state(key, shardings),
-        state_shardings=shardings,
+        initial_state=trainer.initial_state,
+        state_shardings=programs.shardings, step_fn=programs.step,
         after_step=after_step if evaluator is not None else None)
     if evaluator is not None and not result.preempted:
       evaluate(int(result.state.step), result.state)
