@@ -173,8 +173,8 @@ def _tokens_per_example(data: DataConfig) -> int:
 @dataclasses.dataclass(frozen=True)
 class _Programs:
   """What a run traces: built once per process for each (model, optimizer,
-  loss, batch shapes, mesh, rules), so runs that share them (a study's
-  seeds and stages) trace and place nothing again.
+  loss, batch shapes, mesh, rules), the 16 last used kept, so runs that
+  share them (a study's seeds and stages) trace and place nothing again.
 
   Attributes:
     model, optimizer: built from the run's configs.
@@ -195,7 +195,7 @@ class _Programs:
 BatchShapes = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _programs(model_config: TransformerConfig,
               optimizer_config: OptimizerConfig, loss_config: LossConfig,
               batch_shapes: BatchShapes, mesh: jax.sharding.Mesh,
