@@ -28,7 +28,9 @@ instruction-tuned model.
 
 Jobs run in phases (pre-training; fine-tuning and instruction tuning;
 fine-tuning after instruction tuning and evaluation-only jobs), one phase
-after the other on the same `workers` processes. A job whose result file
+after the other on the same `workers` processes. Before them, the training
+batches are read once per data config (`jobs.write_batches`; the models of
+one seed and stage share them). A job whose result file
 exists is not run again, so an interrupted experiment resumes. Results:
 OUT_DIR/results/*.json, then the table and plots (`experiments.report`) in
 `report_dir`.
@@ -36,10 +38,11 @@ OUT_DIR/results/*.json, then the table and plots (`experiments.report`) in
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import gin
 
@@ -83,16 +86,28 @@ def run_experiment(config: ExperimentConfig) -> list[dict]:
   worker starts (imports, first traces, evaluators) once."""
   jobs.init_worker(config)
   phases, models = _phases_and_models(config)
-  calls = [[(config, models, job) for job in phase] for phase in phases]
   if config.workers == 1:
-    return [row for phase in calls for call in phase
-            for row in jobs.run_job(*call)]
+    return _run_phases(config, models, phases,
+                       lambda f, calls: [f(*call) for call in calls])
   context = multiprocessing.get_context("spawn")
   with context.Pool(config.workers, initializer=jobs.init_worker,
                     initargs=(config,)) as pool:
-    return [row for phase in calls
-            for job_rows in pool.starmap(jobs.run_job, phase, chunksize=1)
-            for row in job_rows]
+    return _run_phases(config, models, phases,
+                       functools.partial(pool.starmap, chunksize=1))
+
+
+def _run_phases(config: ExperimentConfig, models: dict, phases: list,
+                starmap: Callable) -> list[dict]:
+  """Reads the training batches, then runs the phases, each one's jobs by
+  `starmap(function, argument tuples)`; the result rows."""
+  readers = jobs.batch_readers(config, models,
+                               [job for phase in phases for job in phase])
+  calls = [[(config, models, job) for job in phase]
+           for phase in [readers, *phases]]
+  starmap(jobs.write_batches, calls[0])
+  return [row for phase in calls[1:]
+          for job_rows in starmap(jobs.run_job, phase)
+          for row in job_rows]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ evaluated zero-shot the routing on the cluster's validation examples
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from moe_jax.inspection.checkpoint import Checkpoint
 from moe_jax.inspection.routing_report import route_batch
 from moe_jax.models import build_model
 from moe_jax.train import baseline, checkpoints, eval_averages, routing_monitor
+from moe_jax.train import data
 from moe_jax.train import run as run_lib
 from moe_jax.train.data import DataConfig
 from moe_jax.train.evaluation import EvalConfig, Evaluator
@@ -180,6 +182,38 @@ def build_run(config: ExperimentConfig, models: Models, job: Job):
       optimizer=optimizer, loss=loss)
 
 
+def _batches_file(config: ExperimentConfig, run) -> Path:
+  """Where the batches of `run` (its data config and steps) are kept."""
+  key = hashlib.sha256(repr((run.data, run.train.num_steps)).encode())
+  return (Path(config.out_dir) / "batches" /
+          f"{run.data.mixture_or_task_name}-seed{run.data.seed}-"
+          f"{key.hexdigest()[:12]}.npz")
+
+
+def batch_readers(config: ExperimentConfig, models: Models,
+                  jobs: Iterable[Job]) -> list[Job]:
+  """One job of `jobs` per batches file their training runs read (the
+  models of a seed and stage read the same batches)."""
+  readers = {}
+  for job in jobs:
+    if job.train:
+      path = _batches_file(config, build_run(config, models, job))
+      readers.setdefault(path, job)
+  return list(readers.values())
+
+
+def write_batches(config: ExperimentConfig, models: Models, job: Job
+                  ) -> Path:
+  """Reads the batches of `job`'s training run from SeqIO into their file,
+  unless it is there; the file."""
+  run = build_run(config, models, job)
+  path = _batches_file(config, run)
+  if not path.is_file():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.ArrayStream.read(run.data, run.train.num_steps).save(path)
+  return path
+
+
 def _scores_few_shot(job: Job) -> bool:
   """Whether `job` is scored few-shot too: the models that were not
   fine-tuned on the cluster."""
@@ -303,7 +337,10 @@ def run_job(config: ExperimentConfig, models: Models, job: Job
   model = _with_eval_capacity(models[job.model][0], job.eval_capacity_factor)
   train_loss = None
   if job.train:
-    params = run_lib.train(build_run(config, models, job)).loop.state.params
+    run = build_run(config, models, job)
+    stream = data.ArrayStream.load(run.data,
+                                   write_batches(config, models, job))
+    params = run_lib.train(run, stream).loop.state.params
     train_loss = _final_cross_entropy(_model_dir(config, job))
   else:
     params = checkpoints.restore_params(_model_dir(config, job.init_from))

@@ -189,6 +189,10 @@ def test_micro_run_fills_the_table(tmp_path):
   assert "| dense |" in text and "| switch_top1_e4 |" in text
   assert "## Mean over the held-out clusters" in text
   assert (tmp_path / "report" / "main.png").stat().st_size > 0
+  # The batches are read once per data config: pre-training, fine-tuning
+  # (before and after IT), instruction tuning (and with CoT), not per model.
+  batch_files = list((tmp_path / "out" / "batches").glob("*.npz"))
+  assert len(batch_files) == 3 + plan.flan_cot_present()
   # A second invocation reuses every job's result file.
   assert flan_moe.run_experiment(config) == rows
 

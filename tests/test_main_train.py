@@ -1,6 +1,7 @@
 """The main job end to end: gin run files, exact resume, SIGTERM, eval and
 infer outputs, saved config, partial initialization, bad knobs."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from moe_jax.train import checkpoints
 from moe_jax.train import run as run_lib
 from moe_jax.train import step as train_step
 from moe_jax.train import warm_start
-from moe_jax.train.data import DataConfig
+from moe_jax.train.data import ArrayStream, DataConfig
 from moe_jax.train.evaluation import EvalConfig
 from moe_jax.train.optimizers import OptimizerConfig
 
@@ -79,6 +80,26 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == list(range(1, 7))
+
+
+def test_batches_read_before_train_and_resume_as_the_pipeline(tmp_path):
+  piped = run_lib.train(tiny_run(tmp_path / "piped", 6))
+  stream = ArrayStream.read(tiny_run(tmp_path, 6).data, 6)
+  whole = run_lib.train(tiny_run(tmp_path / "whole", 6), stream)
+  run_lib.train(tiny_run(tmp_path / "parts", 3), stream)
+  resumed = run_lib.train(tiny_run(tmp_path / "parts", 6), stream)
+  losses = [h["loss"] for h in piped.loop.history]
+  assert [h["loss"] for h in whole.loop.history] == losses
+  assert resumed.loop.resumed_from == 3
+  assert [h["loss"] for h in resumed.loop.history] == losses[3:]
+  for a, b in zip(jax.tree.leaves(piped.loop.state.params),
+                  jax.tree.leaves(resumed.loop.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = tiny_run(tmp_path / "other", 6)
+  other = dataclasses.replace(other, data=dataclasses.replace(other.data,
+                                                              seed=1))
+  with pytest.raises(ValueError, match="another data config"):
+    run_lib.train(other, stream)
 
 
 def test_runs_of_one_program_trace_it_once(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """BatchStream: batches are a pure function of the step; asking again for
 the last step does not re-read the data; a saved position resumes without
-replaying the stream."""
+replaying the stream. ArrayStream: the same batches, read once."""
 
 import numpy as np
+import pytest
 import seqio
 import tensorflow as tf
 from etils import epath
@@ -110,3 +111,21 @@ def test_no_saved_position_replays(tmp_path):
   np.testing.assert_array_equal(first["decoder_target_tokens"],
                                 data.BatchStream(CONFIG)(0)[
                                     "decoder_target_tokens"])
+
+
+def test_array_stream_holds_the_pipelines_batches_through_a_file(tmp_path):
+  read = data.ArrayStream.read(CONFIG, 3)
+  read.save(tmp_path / "batches.npz")
+  loaded = data.ArrayStream.load(CONFIG, tmp_path / "batches.npz")
+  pipeline = data.BatchStream(CONFIG)
+  for step in (2, 0, 1):
+    want = pipeline(step)
+    for stream in (read, loaded):
+      got = stream(step)
+      assert got.keys() == want.keys()
+      for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value)
+  assert loaded.num_steps == 3
+  with pytest.raises(IndexError, match="step 3 is outside the 3 steps"):
+    loaded(3)
+  assert not list(tmp_path.glob("*.partial"))

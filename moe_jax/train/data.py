@@ -20,6 +20,10 @@ every checkpoint: the tf.data iterator state of each shard, shuffle buffer
 included): `restore_position` continues from there. Without a saved
 position the stream replays from step 0.
 
+`ArrayStream` keeps the batches of a run of bounded length once read, so
+runs that share a data config (a study's models of one seed) read the
+pipeline once.
+
 Imports seqio and TensorFlow; the model code does not.
 """
 
@@ -135,7 +139,7 @@ class BatchStream:
   def __init__(self, config: DataConfig, process_index: int = 0,
                process_count: int = 1):
     self.config = config
-    self._process_index = process_index
+    self.process_index, self.process_count = process_index, process_count
     self._unsaveable = False
     num_shards = config.shards(process_count)
     per_process = num_shards // process_count
@@ -170,7 +174,7 @@ class BatchStream:
     return self._last
 
   def _position_file(self, directory: epath.Path) -> epath.Path:
-    return directory / f"process_{self._process_index}"
+    return directory / f"process_{self.process_index}"
 
   def save_position(self, step: int, directory: epath.Path) -> bool:
     """Writes where the streams stand, if that is `step` (the next batch
@@ -232,6 +236,75 @@ class BatchStream:
   def _trackables(self) -> dict[str, Iterator]:
     return {f"shard_{j}": stream for j, stream in zip(self._shards,
                                                       self._streams)}
+
+
+class ArrayStream:
+  """`stream(step)` -> the batch of `step`, from batches read before
+  (`read`) and kept in memory, or in a .npz file (`save` / `load`).
+
+  For runs of bounded length that share a data config (a study's models
+  of one seed and stage): the SeqIO pipeline is built and read once for all
+  of them. Its batches equal `BatchStream(config, p, P)`'s, step for step.
+  Its position is the step, so a resume reads nothing again: `save_position`
+  writes nothing and `restore_position` always succeeds.
+
+  Attributes:
+    config: the data config the batches were read with.
+    process_index, process_count: whose rows they are (p of P).
+    num_steps: T, the steps held.
+  """
+
+  def __init__(self, config: DataConfig, batches: Mapping[str, np.ndarray],
+               process_index: int = 0, process_count: int = 1):
+    """`batches`: feature -> [T, rows per process, ...]."""
+    lengths = {v.shape[0] for v in batches.values()}
+    if len(lengths) != 1:
+      raise ValueError("every feature must hold as many steps; got "
+                       f"{ {k: v.shape for k, v in batches.items()} }")
+    self.config = config
+    self.process_index, self.process_count = process_index, process_count
+    self.num_steps = lengths.pop()
+    self._batches = dict(batches)
+
+  @classmethod
+  def read(cls, config: DataConfig, num_steps: int, process_index: int = 0,
+           process_count: int = 1) -> "ArrayStream":
+    """The first `num_steps` batches of `BatchStream(config, p, P)`."""
+    stream = BatchStream(config, process_index, process_count)
+    steps = [stream(step) for step in range(num_steps)]
+    return cls(config, {k: np.stack([b[k] for b in steps])
+                        for k in steps[0]}, process_index, process_count)
+
+  def save(self, path: Path) -> None:
+    """Writes the batches to `path` (.npz), atomically."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:
+      np.savez(f, **self._batches)
+    partial.replace(path)
+
+  @classmethod
+  def load(cls, config: DataConfig, path: Path, process_index: int = 0,
+           process_count: int = 1) -> "ArrayStream":
+    """The batches `save` wrote to `path`; `config` and p of P must be
+    those they were read with (the file does not record them)."""
+    with np.load(path) as arrays:
+      return cls(config, {k: arrays[k] for k in arrays.files},
+                 process_index, process_count)
+
+  def __call__(self, step: int) -> Batch:
+    if not 0 <= step < self.num_steps:
+      raise IndexError(f"step {step} is outside the {self.num_steps} steps "
+                       f"read of {self.config.mixture_or_task_name}")
+    return {k: v[step] for k, v in self._batches.items()}
+
+  def save_position(self, step: int, directory: epath.Path) -> bool:
+    del step, directory
+    return True
+
+  def restore_position(self, step: int, directory: epath.Path) -> bool:
+    del step, directory
+    return True
 
 
 # Keep TF from grabbing accelerators that JAX uses.

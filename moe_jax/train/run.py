@@ -36,7 +36,7 @@ from moe_jax.models import configured_model_config
 from moe_jax.train import checkpoints, eval_checks, loop, routing_monitor
 from moe_jax.train import warm_start
 from moe_jax.train.checkpoints import Checkpointer
-from moe_jax.train.data import BatchStream, DataConfig, Objective
+from moe_jax.train.data import ArrayStream, BatchStream, DataConfig, Objective
 from moe_jax.train.evaluation import EvalConfig, Evaluator
 from moe_jax.train.metrics_log import MetricsLogger
 from moe_jax.train.objective import LossConfig
@@ -193,6 +193,7 @@ class _Programs:
 
 
 BatchShapes = tuple[tuple[str, tuple[int, ...], str], ...]
+Stream = ArrayStream | BatchStream
 
 
 @functools.lru_cache(maxsize=16)
@@ -237,7 +238,7 @@ def _programs(model_config: TransformerConfig,
 class _Trainer:
   """What `train` sets up once: mesh, data, the traced programs."""
 
-  def __init__(self, run: Run):
+  def __init__(self, run: Run, stream: Optional[Stream] = None):
     self.run = run
     self.mesh = partitioning.make_mesh()
     self.rules = partitioning.logical_axis_rules()
@@ -250,8 +251,16 @@ class _Trainer:
         partitioning.check_divides("NUM_EXPERTS (MoeLayer.num_experts)",
                                    moe.layer.num_experts, Logical.EXPERT,
                                    self.mesh, self.rules)
-    self.stream = BatchStream(run.data, jax.process_index(),
-                              jax.process_count())
+    if stream is None:
+      stream = BatchStream(run.data, jax.process_index(), jax.process_count())
+    elif (stream.config, stream.process_index, stream.process_count) != (
+        run.data, jax.process_index(), jax.process_count()):
+      raise ValueError(
+          "the given stream was read with another data config or process "
+          f"(process {stream.process_index} of {stream.process_count}, "
+          f"{stream.config}); this run's: process {jax.process_index()} of "
+          f"{jax.process_count()}, {run.data}")
+    self.stream = stream
     self.batch_sharding = nn.logical_to_mesh_sharding(
         jax.sharding.PartitionSpec("batch", None), self.mesh, self.rules)
     shapes = tuple(sorted(
@@ -284,11 +293,12 @@ class _Trainer:
     return TrainState(step, params, programs.opt_init(params), model_state)
 
 
-def train(run: Run) -> TrainResult:
+def train(run: Run, stream: Optional[Stream] = None) -> TrainResult:
   """Trains (resuming from MODEL_DIR if it has checkpoints), evaluates every
-  `eval_every` steps and at the end, and returns the result."""
+  `eval_every` steps and at the end, and returns the result. `stream`: the
+  run's batches read before (default: a `BatchStream` of `run.data`)."""
   cfg = run.train
-  trainer = _Trainer(run)
+  trainer = _Trainer(run, stream)
   evaluator = (Evaluator(run.eval, run.model, run.data.objective,
                          cfg.model_dir, cfg.tensorboard)
                if run.eval and run.eval.mixture_or_task_name else None)
