@@ -206,7 +206,10 @@ def write_batches(config: ExperimentConfig, models: Models, job: Job
                   ) -> Path:
   """Reads the batches of `job`'s training run from SeqIO into their file,
   unless it is there; the file."""
-  run = build_run(config, models, job)
+  return _write_batches(config, build_run(config, models, job))
+
+
+def _write_batches(config: ExperimentConfig, run) -> Path:
   path = _batches_file(config, run)
   if not path.is_file():
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,8 +341,7 @@ def run_job(config: ExperimentConfig, models: Models, job: Job
   train_loss = None
   if job.train:
     run = build_run(config, models, job)
-    stream = data.ArrayStream.load(run.data,
-                                   write_batches(config, models, job))
+    stream = data.ArrayStream.load(run.data, _write_batches(config, run))
     params = run_lib.train(run, stream).loop.state.params
     train_loss = _final_cross_entropy(_model_dir(config, job))
   else:
