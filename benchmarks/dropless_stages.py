@@ -15,14 +15,13 @@ with respect to its float inputs) on the same routing decision:
             token's k results by gate;
 and the whole `MoeLayer`, whose time also holds what fusing across stages
 saves and what the layer adds (statistics, reshapes). Median of --iters
-after a warm-up. A benchmark, not a test: the numbers depend on the machine.
+after a warm-up, the stages timed in turn, one call of each per round. A
+benchmark, not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -36,21 +35,16 @@ from moe_jax.moe.layer import MoeLayer
 from moe_jax.moe.routers import TokenChoiceRouter
 
 
-def _median_ms(fn, *args, iters: int) -> float:
-  """fn's forward+backward (gradient of the sum of squares of its outputs
-  with respect to all its arguments, float pytrees), median ms."""
+def _fwd_bwd_call(fn, *args):
+  """A call running fn's forward+backward (gradient of the sum of squares
+  of its outputs with respect to all its arguments, float pytrees) and
+  blocking until it is done."""
 
   def loss(*a):
     return sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(fn(*a)))
 
   step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
-  jax.block_until_ready(step(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return lambda: jax.block_until_ready(step(*args))
 
 
 def stages(args, experts: int, k: int) -> dict[str, float]:
@@ -80,18 +74,20 @@ def stages(args, experts: int, k: int) -> dict[str, float]:
                    grouped_matmul=GroupedMatmul(args.grouped_matmul),
                    max_group_size=args.tokens)
   layer_params = layer.init(key_p, x, deterministic=True)
-  time_ms = lambda fn, *a: _median_ms(fn, *a, iters=args.iters)
-  return {
-      "route": time_ms(route, router_params, x),
-      "permute": time_ms(
+  calls = {
+      "route": _fwd_bwd_call(route, router_params, x),
+      "permute": _fwd_bwd_call(
           lambda v: permute(v, decision.expert_index, experts)[0], x),
-      "experts": time_ms(grouped, weights, rows),
-      "  grouped matmuls": time_ms(products, weights, rows, hidden),
-      "combine": time_ms(lambda r, g: unpermute_and_combine(r, order, g),
-                         rows, decision.gates),
-      "whole layer": time_ms(lambda p, v: layer.apply(
+      "experts": _fwd_bwd_call(grouped, weights, rows),
+      "  grouped matmuls": _fwd_bwd_call(products, weights, rows, hidden),
+      "combine": _fwd_bwd_call(
+          lambda r, g: unpermute_and_combine(r, order, g), rows,
+          decision.gates),
+      "whole layer": _fwd_bwd_call(lambda p, v: layer.apply(
           p, v, deterministic=True)[0], layer_params, x),
   }
+  seconds = report.median_seconds(list(calls.values()), args.iters)
+  return {name: 1e3 * t for name, t in zip(calls, seconds)}
 
 
 def main() -> None:

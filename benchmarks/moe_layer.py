@@ -6,9 +6,10 @@
 
 For each (E, k) the dense baseline is a gated-gelu FFN with d_ff = k * f, so
 it does the same useful matmul work as k experts of width f per token. Every
-variant is timed in the same run (median of --iters after a warm-up), and the
-table gives time, useful TFLOP/s (multiply-add = 2 FLOPs; forward+backward =
-3x forward), the ratio to dense, the fraction of tokens dropped, and the
+variant is timed in the same run (median of --iters after a warm-up, the
+variants' steps interleaved, one of each in turn), and the table gives
+time, useful TFLOP/s (multiply-add = 2 FLOPs; forward+backward = 3x
+forward), the ratio to dense, the fraction of tokens dropped, and the
 temporary memory XLA reserves for the compiled step (its peak activation
 footprint). The dropless path runs once per `--grouped_matmul` choice,
 as variant `dropless/<choice>`; by default every implementation that runs
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -80,20 +80,18 @@ def native_choices() -> list[str]:
   return [m.value for m in GroupedMatmul if m not in skip]
 
 
-def _fwd_bwd(apply_fn, params, x):
+def _fwd_bwd(apply_fn):
   def loss(p, v):
     return jnp.mean(apply_fn(p, v).astype(jnp.float32) ** 2)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def _time(step, params, x, iters: int) -> float:
-  jax.block_until_ready(step(params, x))  # compile + warm-up
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+class Variant(NamedTuple):
+  """One row's compiled step: step(params, x) -> (loss, grads)."""
+  name: str
+  step: Callable
+  params: Any
+  dropped: float
 
 
 def _temp_bytes(step, params, x) -> int | None:
@@ -101,60 +99,58 @@ def _temp_bytes(step, params, x) -> int | None:
   return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def run(args) -> list[dict]:
+def _variants(args, experts: int, k: int, x, key) -> list[Variant]:
+  """dense, floor, each dispatch path and grouped matmul for (E, k)."""
   dtype = jnp.dtype(args.dtype)
+  flat = x.reshape(1, -1, args.width)
+  dense = DenseFFN(k * args.hidden, dtype)
+  floor = Floor(experts, k, args.hidden, dtype)
+  rows = [
+      Variant("dense", _fwd_bwd(lambda p, v: dense.apply(
+          p, v.reshape(1, -1, v.shape[-1])).reshape(v.shape)),
+              dense.init(key, flat), 0.0),
+      Variant("floor", _fwd_bwd(lambda p, v: floor.apply(
+          p, v.reshape(1, -1, v.shape[-1]))), floor.init(key, flat), 0.0)]
+  token_choice = TokenChoiceRouter(num_selected_experts=k)
+  layers = [(path.value, token_choice, path, GroupedMatmul.RAGGED_DOT)
+            for path in PATHS if path != Dispatch.DROPLESS]
+  layers += [(f"dropless/{matmul}", token_choice, Dispatch.DROPLESS,
+              GroupedMatmul(matmul)) for matmul in args.grouped_matmul]
+  if k == 1:
+    layers.append(("expert_choice/scatter", ExpertChoiceRouter(),
+                   Dispatch.SCATTER, GroupedMatmul.RAGGED_DOT))
+  for name, router, path, matmul in layers:
+    layer = MoeLayer(num_experts=experts, expert_hidden_dim=args.hidden,
+                     router=router, dispatch=path, grouped_matmul=matmul,
+                     eval_capacity_factor=args.capacity_factor,
+                     max_group_size=args.group_size, dtype=dtype)
+    params = layer.init(key, x, deterministic=True)
+    _, stats = jax.jit(lambda p, v, layer=layer: layer.apply(
+        p, v, deterministic=True))(params, x)
+    rows.append(Variant(name, _fwd_bwd(lambda p, v, layer=layer: layer.apply(
+        p, v, deterministic=True)[0]), params,
+                        float(stats.fraction_tokens_left_behind)))
+  return rows
+
+
+def run(args) -> list[dict]:
   key_x, key_p = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(key_x, (args.batch, args.tokens // args.batch,
-                                args.width), dtype)
+                                args.width), jnp.dtype(args.dtype))
   rows = []
   for experts in args.experts:
     for k in args.k:
       useful = 3 * 2 * GATED_MATMULS * args.tokens * args.width * args.hidden * k
-      dense = DenseFFN(k * args.hidden, dtype)
-      flat = x.reshape(1, -1, args.width)
-      dense_params = dense.init(key_p, flat)
-      step = _fwd_bwd(lambda p, v: dense.apply(
-          p, v.reshape(1, -1, v.shape[-1])).reshape(v.shape),
-                      dense_params, x)
-      dense_time = _time(step, dense_params, x, args.iters)
-      rows.append(dict(experts=experts, k=k, variant="dense", time_ms=1e3 *
-                       dense_time, tflops=useful / dense_time / 1e12,
-                       ratio=1.0, dropped=0.0,
-                       temp_mib=_mib(_temp_bytes(step, dense_params, x))))
-      floor = Floor(experts, k, args.hidden, dtype)
-      floor_params = floor.init(key_p, flat)
-      step = _fwd_bwd(lambda p, v: floor.apply(
-          p, v.reshape(1, -1, v.shape[-1])), floor_params, x)
-      seconds = _time(step, floor_params, x, args.iters)
-      rows.append(dict(experts=experts, k=k, variant="floor", time_ms=1e3 *
-                       seconds, tflops=useful / seconds / 1e12,
-                       ratio=seconds / dense_time, dropped=0.0,
-                       temp_mib=_mib(_temp_bytes(step, floor_params, x))))
-      token_choice = TokenChoiceRouter(num_selected_experts=k)
-      variants = [(path.value, token_choice, path, GroupedMatmul.RAGGED_DOT)
-                  for path in PATHS if path != Dispatch.DROPLESS]
-      variants += [(f"dropless/{matmul}", token_choice,
-                    Dispatch.DROPLESS, GroupedMatmul(matmul))
-                   for matmul in args.grouped_matmul]
-      if k == 1:
-        variants.append(("expert_choice/scatter", ExpertChoiceRouter(),
-                         Dispatch.SCATTER, GroupedMatmul.RAGGED_DOT))
-      for name, router, path, matmul in variants:
-        layer = MoeLayer(num_experts=experts, expert_hidden_dim=args.hidden,
-                         router=router, dispatch=path, grouped_matmul=matmul,
-                         eval_capacity_factor=args.capacity_factor,
-                         max_group_size=args.group_size, dtype=dtype)
-        params = layer.init(key_p, x, deterministic=True)
-        step = _fwd_bwd(lambda p, v, layer=layer: layer.apply(
-            p, v, deterministic=True)[0], params, x)
-        seconds = _time(step, params, x, args.iters)
-        _, stats = jax.jit(lambda p, v, layer=layer: layer.apply(
-            p, v, deterministic=True))(params, x)
+      variants = _variants(args, experts, k, x, key_p)
+      times = report.median_seconds(
+          [lambda v=v: jax.block_until_ready(v.step(v.params, x))
+           for v in variants], args.iters)
+      for v, seconds in zip(variants, times):
         rows.append(dict(
-            experts=experts, k=k, variant=name, time_ms=1e3 * seconds,
-            tflops=useful / seconds / 1e12, ratio=seconds / dense_time,
-            dropped=float(stats.fraction_tokens_left_behind),
-            temp_mib=_mib(_temp_bytes(step, params, x))))
+            experts=experts, k=k, variant=v.name, time_ms=1e3 * seconds,
+            tflops=useful / seconds / 1e12, ratio=seconds / times[0],
+            dropped=v.dropped,
+            temp_mib=_mib(_temp_bytes(v.step, v.params, x))))
   return rows
 
 

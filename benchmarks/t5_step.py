@@ -10,17 +10,17 @@ sparse (`MoeConfig.sparse_every = 2`). The dense model's FFNs have width
 `--hidden` (F); each expert has width F / k, so a token's k experts do the
 dense FFN's matmul work and the sparse step differs from the dense one by
 routing, dispatch and the grouped matmul alone. Every variant is timed in
-the same run (median of --iters after a warm-up); the table gives time, the
-ratio to dense and the temporary memory XLA reserves for the step. A
-benchmark, not a test: the numbers depend on the machine.
+the same run (median of --iters after a warm-up, the variants' steps
+interleaved, one of each in turn); the table gives time, the ratio to
+dense and the temporary memory XLA reserves for the step. A benchmark,
+not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -62,9 +62,10 @@ def batch(args) -> dict[str, np.ndarray]:
           "decoder_loss_weights": np.ones(targets.shape, np.float32)}
 
 
-def time_step(config: TransformerConfig, data, iters: int
-              ) -> tuple[float, float | None]:
-  """(median seconds per step, temporary MiB of the compiled step)."""
+def prepared_step(config: TransformerConfig, data
+                  ) -> tuple[Callable[[], None], float | None]:
+  """(a call that runs one train step on its own state and blocks, the
+  temporary MiB of the compiled step)."""
   model = build_model(config)
   optimizer = optimizers.make_optimizer(optimizers.OptimizerConfig())
   state = train_step.init_state(model, optimizer, data, jax.random.PRNGKey(0))
@@ -72,34 +73,30 @@ def time_step(config: TransformerConfig, data, iters: int
   key = jax.random.PRNGKey(1)
   analysis = jitted.lower(state, data, key).compile().memory_analysis()
   step = functools.partial(jitted, dropout_key=key)
-  state, metrics = step(state, data)  # compile + warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
+
+  def call():
+    nonlocal state
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+
   temp = None if analysis is None else analysis.temp_size_in_bytes / 2**20
-  return statistics.median(times), temp
+  return call, temp
 
 
 def run(args) -> list[dict]:
   data = batch(args)
-  dense_time, dense_temp = time_step(model_config(args, None), data,
-                                     args.iters)
-  rows = [dict(variant="dense", time_ms=1e3 * dense_time, ratio=1.0,
-               temp_mib=dense_temp)]
+  variants = [("dense", model_config(args, None))]
   for dispatch in args.dispatch:
     matmuls = args.grouped_matmul if dispatch == "dropless" else ["auto"]
     for matmul in matmuls:
-      seconds, temp = time_step(
-          model_config(args, sparse_layer(args, dispatch, matmul)), data,
-          args.iters)
       name = f"{dispatch}/{matmul}" if dispatch == "dropless" else dispatch
-      rows.append(dict(variant=name, time_ms=1e3 * seconds,
-                       ratio=seconds / dense_time, temp_mib=temp))
-  return rows
+      variants.append((name, model_config(
+          args, sparse_layer(args, dispatch, matmul))))
+  steps = [prepared_step(config, data) for _, config in variants]
+  times = report.median_seconds([call for call, _ in steps], args.iters)
+  return [dict(variant=name, time_ms=1e3 * seconds,
+               ratio=seconds / times[0], temp_mib=temp)
+          for (name, _), (_, temp), seconds in zip(variants, steps, times)]
 
 
 def print_table(rows: list[dict]) -> None:
