@@ -105,7 +105,7 @@ def _variants(args, experts: int, k: int, x, key) -> list[Variant]:
   flat = x.reshape(1, -1, args.width)
   dense = DenseFFN(k * args.hidden, dtype)
   floor = Floor(experts, k, args.hidden, dtype)
-  rows = [
+  variants = [
       Variant("dense", _fwd_bwd(lambda p, v: dense.apply(
           p, v.reshape(1, -1, v.shape[-1])).reshape(v.shape)),
               dense.init(key, flat), 0.0),
@@ -127,10 +127,10 @@ def _variants(args, experts: int, k: int, x, key) -> list[Variant]:
     params = layer.init(key, x, deterministic=True)
     _, stats = jax.jit(lambda p, v, layer=layer: layer.apply(
         p, v, deterministic=True))(params, x)
-    rows.append(Variant(name, _fwd_bwd(lambda p, v, layer=layer: layer.apply(
+    variants.append(Variant(name, _fwd_bwd(lambda p, v, layer=layer: layer.apply(
         p, v, deterministic=True)[0]), params,
                         float(stats.fraction_tokens_left_behind)))
-  return rows
+  return variants
 
 
 def run(args) -> list[dict]:
