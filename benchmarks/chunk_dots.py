@@ -31,7 +31,8 @@ def chunk_loop(height: int, num_groups: int):
 
     def chunk(j, out):
       at = j * height
-      part = jax.lax.dynamic_slice_in_dim(rows, at, height) @ w[at // group_rows]
+      part = (jax.lax.dynamic_slice_in_dim(rows, at, height)
+              @ w[at // group_rows])
       return jax.lax.dynamic_update_slice_in_dim(out, part, at, 0)
 
     return jax.lax.fori_loop(0, rows.shape[0] // height, chunk,

@@ -127,9 +127,10 @@ def _variants(args, experts: int, k: int, x, key) -> list[Variant]:
     params = layer.init(key, x, deterministic=True)
     _, stats = jax.jit(lambda p, v, layer=layer: layer.apply(
         p, v, deterministic=True))(params, x)
-    variants.append(Variant(name, _fwd_bwd(lambda p, v, layer=layer: layer.apply(
-        p, v, deterministic=True)[0]), params,
-                        float(stats.fraction_tokens_left_behind)))
+    step = _fwd_bwd(lambda p, v, layer=layer: layer.apply(
+        p, v, deterministic=True)[0])
+    variants.append(Variant(name, step, params,
+                            float(stats.fraction_tokens_left_behind)))
   return variants
 
 
@@ -140,7 +141,8 @@ def run(args) -> list[dict]:
   rows = []
   for experts in args.experts:
     for k in args.k:
-      useful = 3 * 2 * GATED_MATMULS * args.tokens * args.width * args.hidden * k
+      useful = (3 * 2 * GATED_MATMULS * args.tokens * args.width
+                * args.hidden * k)
       variants = _variants(args, experts, k, x, key_p)
       times = report.median_seconds(
           [lambda v=v: jax.block_until_ready(v.step(v.params, x))
