@@ -90,8 +90,7 @@ def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
   group's remaining rows fill, then one chunk of the last height, masked,
   for what is left: at most H - 1 masked rows per group, H the last height
   (with halving heights, at most one chunk of each after the first, so a
-  group costs few dots and few wasted rows). Empty groups are skipped.
-  For expert e,
+  group costs few dots and few wasted rows). For expert e,
   per_expert(e, carry) gives the carry of its first chunk; chunk(e, at,
   valid, carry) sees a chunk of H rows as rows [at, at + H) of the M rows,
   `valid` <bool>[H] marking those of group e (a chunk past row M - H is
@@ -116,12 +115,7 @@ def _over_chunks(where: Groups, heights: tuple[int, ...], num_rows: int,
       begin = begin + count * height
     return carry
 
-  # Only the groups with rows are visited (each visit reads its expert's
-  # matrix): those first, in order, then the empty ones, never reached.
-  busy = where.size > 0
-  order = jnp.argsort(~busy, stable=True)
-  return jax.lax.fori_loop(0, jnp.sum(busy),
-                           lambda i, carry: expert(order[i], carry), init)
+  return jax.lax.fori_loop(0, where.size.shape[0], expert, init)
 
 
 def _rows_times(x: Array, rhs: Array, where: Groups, heights: tuple[int, ...],
