@@ -1,7 +1,8 @@
-"""Faults of a real 2-process job (CPU collectives, 4 devices a process):
-a SIGTERM that reaches one process only (and the resume, each process from
-its own saved data position), a process killed with kill -9, and reruns of
-the identical command into the same model directory."""
+"""A real 2-process job (CPU collectives, 4 devices a process) and its
+faults: a SIGTERM that reaches one process only (and the resume, each
+process from its own saved data position, equal to the uninterrupted job,
+which equals one process on the same mesh), a process killed with kill -9,
+and reruns of the identical command into the same model directory."""
 
 import os
 import re
@@ -19,6 +20,7 @@ from launch.common import job_command
 from moe_jax import distributed
 from moe_jax.train import checkpoints
 from tests.test_multiprocess import (RUN_FLAGS, ROOT, _free_port, _losses,
+                                     _train_one_process,
                                      _train_two_processes)
 
 STEPS = "--gin.TRAIN_STEPS=8"
@@ -65,6 +67,7 @@ def _stop(processes) -> None:
 
 
 def test_sigterm_to_one_process_stops_both_and_resumes_exactly(tmp_path):
+  # The uninterrupted reference, then the job a SIGTERM stops.
   pytest.importorskip("tasks")
   reference, job = tmp_path / "reference", tmp_path / "job"
   _train_two_processes(reference, STEPS)
@@ -103,6 +106,15 @@ def test_sigterm_to_one_process_stops_both_and_resumes_exactly(tmp_path):
   want, got = _losses(reference), _losses(job)
   assert sorted(got) == sorted(want) == list(range(1, 9))
   np.testing.assert_array_equal([got[s] for s in want], list(want.values()))
+
+  # The uninterrupted job is the 1-process job on the same 8-device mesh,
+  # up to float summation order across the processes.
+  _train_one_process(tmp_path / "single", STEPS)
+  alone = _losses(tmp_path / "single")
+  assert sorted(alone) == list(range(1, 9))
+  np.testing.assert_allclose([want[s] for s in alone], list(alone.values()),
+                             rtol=1e-5)
+  assert alone[8] != alone[1]
 
 
 def test_killed_peer_ends_the_survivor_in_bounded_time(tmp_path):
