@@ -51,14 +51,15 @@ def run(args) -> list[dict]:
           "eci,eio->eco", r.reshape(args.experts, -1, r.shape[1]), w)),
   }
   for height in args.heights:
-    if group_rows % height:
+    if height < 1 or group_rows % height:
       raise ValueError(f"height {height} does not divide a group of "
                        f"{group_rows} rows")
     variants[f"chunks of {height}"] = chunk_loop(height, args.experts)
   times = report.median_seconds(
       [lambda fn=fn: jax.block_until_ready(fn(rows, w))
        for fn in variants.values()], args.iters)
-  return [dict(variant=name, time_ms=1e3 * seconds, ratio=seconds / times[1])
+  batched = times[list(variants).index("batched")]
+  return [dict(variant=name, time_ms=1e3 * seconds, ratio=seconds / batched)
           for name, seconds in zip(variants, times)]
 
 
